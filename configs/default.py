@@ -1,0 +1,114 @@
+"""Default configuration for lvseg-jax.
+
+Every size is a config value. The defaults follow the paper's setting (full 256x256 images,
+U-Net base width 64, four poolings); `configs/smoke.py` shrinks everything for tests and CPU runs.
+Model variant configs (`unet.py`, `lnu.py`, `ibu.py`) import this file and change only the model.
+"""
+
+import os
+
+import ml_collections
+
+# Where the Sunnybrook data lives. Overridden by `--config.data.root=...` or $LVSEG_DATA_DIR.
+DEFAULT_DATA_ROOT = os.environ.get('LVSEG_DATA_DIR', '../shared/data/scd')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (paper-scale) configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'unet'          # unet | lnu | ibu (see lvseg_jax.models.MODELS)
+  model.base_width = 64        # channels of the first block, doubled at each pooling
+  model.depth = 4              # number of 2x2 max-poolings
+  model.num_classes = 2        # background, LV cavity
+  model.norm = 'none'          # unet only: none | batch
+  model.ibn_mode = 'split'     # ibu only: split (IBN-Net "a") | sequential | blend
+  model.ibn_ratio = 0.5        # ibu split: fraction of channels that get instance norm
+  model.bn_momentum = 0.9      # Flax convention: running = m * running + (1 - m) * batch
+  model.norm_epsilon = 1e-5
+  model.dtype = 'float32'      # activation dtype: float32 | bfloat16 (statistics stay float32)
+  model.upsample = 'transpose'  # transpose (2x2 transposed conv, as in the paper)
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.root = DEFAULT_DATA_ROOT
+  data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout)
+  data.png_dir = 'derived_png_meow2'
+  data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
+  data.split = 'official'      # official | kfold
+  data.train_sets = ('training',)
+  data.eval_sets = ('validation',)
+  data.num_folds = 5
+  data.fold = 0
+  data.image_size = 256        # network input is image_size x image_size
+  data.resize_mode = 'resize'  # resize | crop (centre crop/pad)
+  data.clip_percentiles = (1.0, 99.0)
+  data.nominal_spacing_mm = 1.3672  # used for PNG data without a spacing table (warned)
+  data.spacing_table = ''      # optional CSV: case,pixel_spacing_mm
+  data.cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'lvseg_jax')
+  data.on_error = 'raise'      # raise | skip (skipped items are reported with a count)
+  data.drop_remainder = True   # training batches: drop the last partial batch, else pad + mask
+
+  # ---------------------------------------------------------------- augmentation
+  config.augment = aug = ml_collections.ConfigDict()
+  aug.enabled = True
+  aug.affine = True
+  aug.rotation_deg = 15.0
+  aug.scale = (0.9, 1.1)             # isotropic scale range
+  aug.aspect = (0.95, 1.05)          # anisotropic factor range
+  aug.translation_frac = 0.05        # fraction of the image size
+  aug.flip_lr = False
+  aug.flip_ud = False
+  aug.elastic = True
+  aug.elastic_alpha = 34.0           # displacement scale in pixels at 256x256 (Simard et al.)
+  aug.elastic_sigma = 4.0            # Gaussian smoothing width in pixels at 256x256
+  aug.elastic_prob = 0.5
+  aug.mode = 'constant'              # boundary mode for map_coordinates
+  aug.intensity = False
+  aug.gamma = (0.8, 1.25)
+  aug.contrast = (0.9, 1.1)
+  aug.noise_std = 0.03
+
+  # ---------------------------------------------------------------- training
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 8               # global batch
+  train.num_epochs = 100
+  train.num_steps = -1               # > 0 overrides num_epochs
+  train.optimizer = 'adam'           # adam | adamw | sgd
+  train.learning_rate = 1e-3
+  train.warmup_steps = 100
+  train.end_lr_factor = 0.01         # cosine decays to learning_rate * end_lr_factor
+  train.weight_decay = 0.0
+  train.grad_clip_norm = 0.0         # 0 disables
+  train.dice_weight = 1.0
+  train.ce_weight = 1.0
+  train.parallel = 'jit'             # jit (NamedSharding over a mesh) | pmap (axis_name='batch')
+  train.log_every = 10
+  train.eval_every_epochs = 5
+  train.checkpoint_every_steps = 200
+  train.keep_checkpoints = 3
+  train.num_overlays = 12            # validation overlays in the final PNG grid
+  train.distributed = False          # call jax.distributed.initialize()
+
+  # ---------------------------------------------------------------- evaluation
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 16
+  ev.split = 'validation'            # --mode=evaluate: which set(s), comma separated
+  ev.checkpoint = 'best'             # best | latest
+  ev.good_apd_mm = 5.0
+
+  # ---------------------------------------------------------------- prediction
+  config.predict = pr = ml_collections.ConfigDict()
+  pr.input = ''
+  pr.output = ''
+  pr.checkpoint = 'best'
+  pr.batch_size = 16
+  pr.largest_component = True
+  pr.fill_holes = True
+  pr.tta = False                     # flips + 90 degree rotations averaged
+  pr.save_overlays = True
+  pr.save_nifti = True
+  return config

@@ -1,0 +1,177 @@
+"""U-Net family: shapes, parameter counts, where state lives, configs, registry errors."""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from lvseg_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model_config(name, **overrides):
+  cfg = default.get_config().model
+  cfg.name = name
+  cfg.base_width = 4
+  cfg.depth = 2
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
+  return cfg
+
+
+def _norm_layers(tree, prefix=()):
+  """Yields (path, subtree) of every normalization layer (modules named norm0 / norm1)."""
+  for key, value in tree.items():
+    if key.startswith('norm'):
+      yield prefix + (key,), value
+    elif isinstance(value, dict):
+      yield from _norm_layers(value, prefix + (key,))
+
+
+@pytest.mark.parametrize('name', ['unet', 'lnu', 'ibu'])
+def test_output_shapes_and_param_counts_at_128_and_256(name):
+  cfg = _model_config(name)
+  model = models.get_model(cfg)
+  counts = []
+  for size in (128, 256):
+    variables = models.init_variables(model, jax.random.key(0), size)
+    x = jnp.zeros((2, size, size, 1))
+    out = model.apply(variables, x, train=False)
+    assert out.shape == (2, size, size, cfg.num_classes)
+    assert out.dtype == jnp.float32
+    counts.append(models.count_params(variables['params']))
+  assert counts[0] == counts[1]
+
+
+def test_param_count_matches_formula():
+  """Analytic count for the plain U-Net: convs, transposed convs and the head."""
+  cfg = _model_config('unet', depth=3, base_width=5)
+  variables = models.init_variables(models.get_model(cfg), jax.random.key(0), 64)
+  w = [5 * 2**i for i in range(4)]
+  conv = lambda cin, cout: 9 * cin * cout + cout
+  total = 0
+  cin = 1
+  for level in range(4):                      # encoder + bottleneck
+    total += conv(cin, w[level]) + conv(w[level], w[level])
+    cin = w[level]
+  for level in reversed(range(3)):            # decoder
+    total += 4 * cin * w[level] + w[level]    # 2x2 transposed conv
+    total += conv(2 * w[level], w[level]) + conv(w[level], w[level])
+    cin = w[level]
+  total += cin * 2 + 2                        # 1x1 head
+  assert models.count_params(variables['params']) == total
+
+
+@pytest.mark.parametrize('name,norm,expect_stats', [
+    ('unet', 'none', False), ('unet', 'batch', True), ('lnu', 'none', False),
+    ('ibu', 'none', True)])
+def test_batch_stats_exactly_where_batchnorm_or_ibn(name, norm, expect_stats):
+  cfg = _model_config(name, norm=norm)
+  variables = models.init_variables(models.get_model(cfg), jax.random.key(0), 64)
+  assert ('batch_stats' in variables) == expect_stats == models.has_batch_stats(cfg)
+  param_norms = dict(_norm_layers(variables['params']))
+  stat_norms = dict(_norm_layers(variables.get('batch_stats', {})))
+  if name == 'unet' and norm == 'none':
+    assert not param_norms
+  if name == 'lnu':
+    assert len(param_norms) == 2 * (2 * cfg.depth + 1)
+    assert all(set(p) == {'scale', 'bias'} for p in param_norms.values())
+  if expect_stats:
+    # Every BatchNorm/IBN layer has running stats, and nothing else does.
+    assert set(stat_norms) == set(param_norms)
+
+
+def test_ibu_first_block_holds_instance_and_batch_parts():
+  cfg = _model_config('ibu', base_width=8)
+  variables = models.init_variables(models.get_model(cfg), jax.random.key(0), 64)
+  for i in range(2):
+    first = variables['params']['down0'][f'norm{i}']
+    assert set(first) == {'instance', 'batch'}
+    assert first['instance']['scale'].shape == (4,)   # ratio 0.5 of 8 channels
+    assert first['batch']['scale'].shape == (4,)
+    assert set(variables['batch_stats']['down0'][f'norm{i}']) == {'batch'}
+  # Every other block is a plain BatchNorm.
+  for block in ('down1', 'bottleneck', 'up0', 'up1'):
+    assert set(variables['params'][block]['norm0']) == {'scale', 'bias'}
+    assert set(variables['batch_stats'][block]['norm0']) == {'mean', 'var'}
+
+
+def test_ibu_first_block_output_mixes_instance_and_batch_statistics():
+  """Scaling one sample changes the instance half of block 0 differently from the BN half."""
+  cfg = _model_config('ibu', base_width=4, depth=1)
+  model = models.get_model(cfg)
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+  variables = models.init_variables(model, jax.random.key(1), 16)
+  _, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
+  mean = state['batch_stats']['down0']['norm0']['batch']['mean']
+  assert mean.shape == (2,) and np.all(np.isfinite(mean))
+  assert not np.allclose(mean, 0.0)   # running stats really updated in train mode
+
+
+@pytest.mark.parametrize('mode', ['split', 'sequential', 'blend'])
+def test_ibn_modes_build_and_run(mode):
+  cfg = _model_config('ibu', ibn_mode=mode)
+  model = models.get_model(cfg)
+  variables = models.init_variables(model, jax.random.key(0), 32)
+  out, updates = model.apply(variables, jnp.ones((2, 32, 32, 1)), train=True,
+                             mutable=['batch_stats'])
+  assert out.shape == (2, 32, 32, 2) and np.all(np.isfinite(out))
+  assert 'batch_stats' in updates
+
+
+def test_train_and_eval_differ_only_for_stateful_models():
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  for name, stateful in (('lnu', False), ('ibu', True)):
+    model = models.get_model(_model_config(name))
+    variables = models.init_variables(model, jax.random.key(0), 32)
+    y_eval = model.apply(variables, x, train=False)
+    y_train, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    assert np.allclose(y_eval, y_train, atol=1e-5) != stateful
+
+
+def test_bfloat16_model_runs_with_float32_params_and_stats():
+  cfg = _model_config('ibu', dtype='bfloat16')
+  model = models.get_model(cfg)
+  variables = models.init_variables(model, jax.random.key(0), 32)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  out, updates = model.apply(variables, jnp.ones((2, 32, 32, 1)), train=True,
+                             mutable=['batch_stats'])
+  assert out.dtype == jnp.float32
+  assert all(s.dtype == jnp.float32 for s in jax.tree_util.tree_leaves(updates))
+
+
+def test_unknown_names_give_clear_errors():
+  with pytest.raises(ValueError, match=r"Unknown model name 'vnet'.*ibu.*lnu.*unet"):
+    models.get_model(_model_config('vnet'))
+  with pytest.raises(ValueError, match='ibn_mode'):
+    models.get_model(_model_config('ibu', ibn_mode='mixed'))
+  with pytest.raises(ValueError, match='dtype'):
+    models.get_model(_model_config('unet', dtype='float16x'))
+  with pytest.raises(ValueError, match='divisible'):
+    model = models.get_model(_model_config('unet'))
+    models.init_variables(model, jax.random.key(0), 30)
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))))
+def test_every_config_loads_and_builds_its_model(path):
+  if path.endswith('__init__.py'):
+    return
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.base_width = min(config.model.base_width, 4)   # build cheaply
+  model = models.get_model(config.model)
+  size = 2**config.model.depth * 2
+  variables = models.init_variables(model, jax.random.key(0), size)
+  out = model.apply(variables, jnp.zeros((1, size, size, 1)), train=False)
+  assert out.shape == (1, size, size, config.model.num_classes)
+  expected = {'unet.py': 'unet', 'lnu.py': 'lnu', 'ibu.py': 'ibu'}.get(os.path.basename(path))
+  if expected:
+    assert config.model.name == expected
