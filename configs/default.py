@@ -39,15 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
   data.png_dir = 'derived_png_meow2'
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
   data.split = 'official'      # official | kfold
-  data.train_sets = ('training',)
+  data.train_sets = ('training',)  # official sets (training | validation | online | all), unioned
   data.eval_sets = ('validation',)
+  data.kfold_sets = ('training', 'validation')  # kfold: the case pool split into patient folds
   data.num_folds = 5
-  data.fold = 0
+  data.fold = 0                # kfold: the eval fold; the other folds train
+  data.kfold_seed = 0          # kfold: shuffle of cases within pathology groups
   data.image_size = 256        # network input is image_size x image_size
-  data.resize_mode = 'resize'  # resize | crop (centre crop/pad)
+  data.resize_mode = 'resize'  # resize (longer side to S, aspect kept) | crop (centre crop/pad)
   data.clip_percentiles = (1.0, 99.0)
   data.nominal_spacing_mm = 1.3672  # used for PNG data without a spacing table (warned)
-  data.spacing_table = ''      # optional CSV: case,pixel_spacing_mm
+  data.spacing_table = ''      # optional CSV: case,pixel_spacing_mm (or case,row_mm,col_mm)
+  data.dicom_glob = 'SCD_IMAGES_*'           # dicom: folders holding <SCD id>/<series>/*.dcm
+  data.contours_dir = 'SCD_ManualContours'   # dicom: <case>/contours-manual/IRCCI-expert/
+  data.patient_sheet = 'scd_patientdata.csv'  # dicom: SCD id <-> case name
   data.cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'lvseg_jax')
   data.on_error = 'raise'      # raise | skip (skipped items are reported with a count)
   data.drop_remainder = True   # training batches: drop the last partial batch, else pad + mask
@@ -86,12 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   train.dice_weight = 1.0
   train.ce_weight = 1.0
   train.parallel = 'jit'             # jit (NamedSharding over a mesh) | pmap (axis_name='batch')
+  train.num_devices = 0              # data-parallel over this many local devices; 0 = all
   train.log_every = 10
   train.eval_every_epochs = 5
   train.checkpoint_every_steps = 200
   train.keep_checkpoints = 3
   train.num_overlays = 12            # validation overlays in the final PNG grid
   train.distributed = False          # call jax.distributed.initialize()
+  train.halt_after_steps = -1        # > 0: save and stop after this many steps (preemption)
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()
@@ -102,13 +109,26 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- prediction
   config.predict = pr = ml_collections.ConfigDict()
-  pr.input = ''
-  pr.output = ''
-  pr.checkpoint = 'best'
-  pr.batch_size = 16
-  pr.largest_component = True
-  pr.fill_holes = True
-  pr.tta = False                     # flips + 90 degree rotations averaged
-  pr.save_overlays = True
-  pr.save_nifti = True
+  pr.input = ''                      # used when --input is not given
+  pr.output = ''                     # used when --output is not given
+  pr.checkpoint = 'best'             # best | latest
+  pr.batch_size = 16                 # frames per jitted forward pass (last batch padded)
+  pr.largest_component = True        # keep the largest 4-connected component of each mask
+  pr.fill_holes = True               # fill holes (papillary muscles count as cavity in SCD)
+  pr.tta = False                     # test-time augmentation, softmax averaged; saves the
+                                     # per-pixel variance as uncertainty/*.png
+  pr.tta_transforms = 'd4'           # d4: 4 rotations x 2 flips (8) | flips: 4 flips
+  pr.save_masks = True               # masks/IM-0001-NNNN.png (0/255)
+  pr.save_contours = True            # contours/IM-0001-NNNN-icontour-auto.txt
+  pr.save_overlays = True            # overlays/IM-0001-NNNN.png
+  pr.save_nifti = True               # <series>_mask.nii.gz with the DICOM geometry
+  pr.nifti_image = True              # also <series>_image.nii.gz (the input intensities)
+  pr.contour_dir = ''                # expert contours for overlays and expert volumes: a folder
+                                     # of IM-0001-NNNN-icontour-manual.txt or a CAP
+                                     # SCD_ManualContours tree ('' = none)
+  pr.patient_sheet = ''              # SCD id -> case CSV ('' = scd_patientdata.csv next to
+                                     # contour_dir)
+  pr.slice_spacing_mm = 0.0          # last-resort spacing between slices for volumes (> 0)
+  pr.on_error = 'raise'              # raise | skip unreadable input files (skips are counted)
+  pr.progress = True                 # progress bar (tqdm if installed, else log lines)
   return config
