@@ -32,6 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
+  from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logging()
   if FLAGS.mode == 'summary':
     from lvseg_jax import summary  # pylint: disable=g-import-not-at-top
     print(summary.model_summary(config))

@@ -1,0 +1,478 @@
+"""Training and evaluation (after Flax's examples/imagenet, with current JAX APIs).
+
+Two interchangeable data-parallel train steps, picked by `config.train.parallel`:
+  * 'jit': `jax.jit` over a 1-D device mesh, batch sharded with `NamedSharding`, state
+    replicated; XLA partitions the step, so BatchNorm statistics cover the global batch.
+  * 'pmap': the same step body under `shard_map` with `axis_name='batch'` (the body also runs
+    under `jax.pmap` unchanged): gradients, metrics and BatchNorm moments are combined across
+    devices with collectives.
+Both compute exactly the global-batch loss: per-sample losses are summed and divided by the
+global number of valid samples.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lvseg_jax import augment
+from lvseg_jax import checkpointing
+from lvseg_jax import data as data_lib
+from lvseg_jax import metrics as metrics_lib
+from lvseg_jax import models
+from lvseg_jax import plots
+
+AXIS = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and BatchNorm running statistics ({} for models without)."""
+  batch_stats: Any = struct.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def per_sample_losses(logits: jax.Array, masks: jax.Array,
+                      smooth: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-sample pixel cross-entropy, soft-Dice loss on the foreground, and hard Dice.
+
+  Args:
+    logits: (N, H, W, K) float32.
+    masks: (N, H, W) int class maps; class 1.. are foreground (LV cavity).
+    smooth: additive smoothing of the soft Dice.
+
+  Returns:
+    ce (N,), soft_dice_loss = 1 - soft Dice (N,), hard Dice of the argmax (N,).
+  """
+  num_classes = logits.shape[-1]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=(1, 2))
+  probs = jax.nn.softmax(logits, axis=-1)
+  fg_prob = 1.0 - probs[..., 0]
+  fg_true = (masks > 0).astype(jnp.float32)
+  inter = jnp.sum(fg_prob * fg_true, axis=(1, 2))
+  soft = (2.0 * inter + smooth) / (fg_prob.sum(axis=(1, 2)) + fg_true.sum(axis=(1, 2)) + smooth)
+  fg_pred = (jnp.argmax(logits, axis=-1) > 0).astype(jnp.float32)
+  hard_inter = jnp.sum(fg_pred * fg_true, axis=(1, 2))
+  denom = fg_pred.sum(axis=(1, 2)) + fg_true.sum(axis=(1, 2))
+  hard = jnp.where(denom > 0, 2.0 * hard_inter / jnp.maximum(denom, 1.0), 1.0)
+  del num_classes
+  return ce, 1.0 - soft, hard
+
+
+# ----------------------------------------------------------------------------- state
+
+def learning_rate_schedule(train_cfg: ml_collections.ConfigDict,
+                           total_steps: int) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `learning_rate * end_lr_factor`."""
+  warmup = min(train_cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=train_cfg.learning_rate * train_cfg.end_lr_factor)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    'adam': lambda lr, wd: (optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
+                            if wd else optax.adam(lr)),
+    'adamw': lambda lr, wd: optax.adamw(lr, weight_decay=wd),
+    'sgd': lambda lr, wd: optax.chain(optax.add_decayed_weights(wd),
+                                      optax.sgd(lr, momentum=0.9, nesterov=True)),
+}
+
+
+def get_optimizer(train_cfg: ml_collections.ConfigDict,
+                  total_steps: int) -> optax.GradientTransformation:
+  if train_cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {train_cfg.optimizer!r}; choose one of '
+                     f'{sorted(OPTIMIZERS)}.')
+  tx = OPTIMIZERS[train_cfg.optimizer](learning_rate_schedule(train_cfg, total_steps),
+                                       train_cfg.weight_decay)
+  if train_cfg.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), tx)
+  return tx
+
+
+def create_train_state(config: ml_collections.ConfigDict, model, key: jax.Array,
+                       total_steps: int) -> TrainState:
+  variables = models.init_variables(model, key, config.data.image_size)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}),
+                           tx=get_optimizer(config.train, total_steps))
+
+
+# ----------------------------------------------------------------------------- steps
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
+               config: ml_collections.ConfigDict, schedule: optax.Schedule,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimization step; pure, so it runs under jit, shard_map or pmap.
+
+  Args:
+    state: the training state (replicated).
+    batch: {'image': (B,S,S,1), 'mask': (B,S,S), 'valid': (B,)}, the local batch under a
+      mapped axis, else the global batch.
+    key: the run's base PRNG key; the step's key is `fold_in(key, step)`.
+    config: the run configuration (static).
+    schedule: the learning-rate schedule (for logging).
+    axis_name: the mapped device axis, or None under plain jit.
+  """
+  step_key = jax.random.fold_in(key, state.step)
+  if axis_name is not None:
+    step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+  images, masks = batch['image'], batch['mask']
+  if config.augment.enabled:
+    images, masks = augment.augment(step_key, images, masks, config.augment)
+  valid = batch['valid'].astype(jnp.float32)
+  count = valid.sum()
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+  count = jnp.maximum(count, 1.0)
+  has_stats = bool(state.batch_stats)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    if has_stats:
+      variables['batch_stats'] = state.batch_stats
+      logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'])
+    else:
+      logits, updates = state.apply_fn(variables, images, train=True), {}
+    ce, dice_loss, hard_dice = per_sample_losses(logits, masks)
+    per_sample = config.train.ce_weight * ce + config.train.dice_weight * dice_loss
+    loss = jnp.sum(per_sample * valid) / count
+    sums = {'ce': jnp.sum(ce * valid), 'dice': jnp.sum(hard_dice * valid)}
+    return loss, (updates, sums)
+
+  (loss, (updates, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, loss, sums = jax.lax.psum((grads, loss, sums), axis_name)
+  new_state = state.apply_gradients(grads=grads)
+  if has_stats:
+    new_state = new_state.replace(batch_stats=updates['batch_stats'])
+  step_metrics = {'loss': loss, 'ce': sums['ce'] / count, 'dice': sums['dice'] / count,
+                  'learning_rate': schedule(state.step)}
+  return new_state, step_metrics
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
+                    schedule: optax.Schedule) -> Callable:
+  """The jitted, state-donating train step for `config.train.parallel`.
+
+  The model inside `state.apply_fn` must be built with `axis_name='batch'` for 'pmap'.
+  """
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(AXIS))
+  if config.train.parallel == 'jit':
+    body = functools.partial(train_step, config=config, schedule=schedule, axis_name=None)
+    return jax.jit(body, in_shardings=(replicated, sharded, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+  if config.train.parallel == 'pmap':
+    body = functools.partial(train_step, config=config, schedule=schedule, axis_name=AXIS)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                           out_specs=(P(), P()), check_vma=False)
+    return jax.jit(mapped, donate_argnums=0)
+  raise ValueError(f"Unknown train.parallel {config.train.parallel!r}; choose 'jit' or "
+                   "'pmap'.")
+
+
+def make_predict_fn(model) -> Callable:
+  """Jitted forward pass with running averages: (variables, images) -> label maps."""
+
+  @jax.jit
+  def predict(variables, images):
+    logits = model.apply(variables, images, train=False)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return predict
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def predict_dataset(predict_fn: Callable, variables: dict[str, Any],
+                    dataset: 'data_lib.Dataset', batch_size: int) -> list[np.ndarray]:
+  """Label maps for every frame of `dataset`, at each frame's original resolution."""
+  outputs: list[np.ndarray | None] = [None] * len(dataset.frames)
+  for batch in dataset.batches(batch_size, seed=0, epoch=0, shuffle=False,
+                               drop_remainder=False, process_index=0, process_count=1):
+    labels = np.asarray(predict_fn(variables, batch['image']))
+    for row, index in enumerate(batch['index']):
+      if batch['valid'][row]:
+        outputs[int(index)] = dataset.to_original(int(index), labels[row])
+  missing = [i for i, o in enumerate(outputs) if o is None]
+  if missing:
+    raise RuntimeError(f'{len(missing)} frames got no prediction (indices {missing[:5]}...).')
+  return outputs  # type: ignore[return-value]
+
+
+def evaluate_dataset(predict_fn: Callable, variables: dict[str, Any],
+                     dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict,
+                     ) -> tuple[dict[str, Any], list[np.ndarray]]:
+  """Challenge-protocol metrics of a model on a dataset, at the original resolution."""
+  predictions = predict_dataset(predict_fn, variables, dataset, config.eval.batch_size)
+  records = []
+  for frame, pred in zip(dataset.frames, predictions):
+    records.append(dict(case=frame.case, frame_id=frame.frame_id, pred_mask=pred,
+                        expert_mask=frame.mask, pixel_spacing=frame.pixel_spacing,
+                        spacing_source=frame.spacing_source, expert_contour=frame.contour))
+  return metrics_lib.evaluate(records, good_apd_mm=config.eval.good_apd_mm), predictions
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+  """The few numbers logged during training, from `metrics.evaluate` results.
+
+  dice: per-image mean over all frames (what most papers report; picks the best checkpoint).
+  apd_mm, good_pct, dice_good: challenge style, mean over cases (APD and Dice over good
+  contours).
+  """
+  over_cases = results['per_set']['mean_std_over_cases']
+  per_image = results['per_set']['per_image']
+  return {'dice': float(per_image['dice_all']['mean']),
+          'dice_good': float(over_cases['dice_good']['mean']),
+          'apd_mm': float(over_cases['apd_good_mm']['mean']),
+          'good_pct': float(over_cases['good_pct']['mean'])}
+
+
+def _summary_line(results: dict[str, Any]) -> str:
+  h = headline(results)
+  return (f"Dice {h['dice']:.4f} (per image, all frames); over cases: good contours "
+          f"{h['good_pct']:.1f}%, APD {h['apd_mm']:.2f} mm and Dice {h['dice_good']:.4f} "
+          f"over good contours")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+class _StopRequested:
+  """Turns SIGTERM / SIGINT into a flag checked between steps (a checkpoint is then saved)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals cannot be handled here
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    logging.warning('Signal %d received: saving a checkpoint and stopping.', signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _batch_stream(dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict,
+                  steps_per_epoch: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Training batches from `start_step` on; the order depends only on (seed, epoch, step)."""
+  epoch, skip = divmod(start_step, steps_per_epoch)
+  while True:
+    batches = dataset.batches(config.train.batch_size, seed=config.seed, epoch=epoch,
+                              shuffle=True, drop_remainder=config.data.drop_remainder,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    for i, batch in enumerate(batches):
+      if i >= skip:
+        yield batch
+    skip = 0
+    epoch += 1
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state}
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains on `config.data.train_sets`, evaluates on `eval_sets`; resumes from `workdir`.
+
+  Returns:
+    The final evaluation results (also written to workdir/eval_<sets>.{json,md}).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.save_config(config, workdir)
+  train_ds, eval_ds = data_lib.load_datasets(config, workdir)
+  devices = jax.devices()
+  if config.train.num_devices > 0:
+    if config.train.num_devices > len(devices):
+      raise ValueError(f'train.num_devices={config.train.num_devices} but only '
+                       f'{len(devices)} devices are available.')
+    devices = devices[:config.train.num_devices]
+  if config.train.batch_size % len(devices):
+    raise ValueError(f'train.batch_size={config.train.batch_size} must be divisible by the '
+                     f'{len(devices)} devices.')
+  per_epoch = len(train_ds.frames) / config.train.batch_size
+  steps_per_epoch = (math.floor(per_epoch) if config.data.drop_remainder
+                     else math.ceil(per_epoch))
+  if steps_per_epoch < 1:
+    raise ValueError(f'{len(train_ds.frames)} training frames are fewer than one batch of '
+                     f'{config.train.batch_size}.')
+  total_steps = (config.train.num_steps if config.train.num_steps > 0
+                 else config.train.num_epochs * steps_per_epoch)
+  eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
+  logging.info('Training on %d frames (%d steps/epoch, %d steps), evaluating on %d frames; '
+               '%d device(s), parallel=%s', len(train_ds.frames), steps_per_epoch,
+               total_steps, len(eval_ds.frames), len(devices), config.train.parallel)
+
+  mesh = make_mesh(devices)
+  axis_name = AXIS if config.train.parallel == 'pmap' else None
+  model = models.get_model(config.model, axis_name=axis_name)
+  eval_model = models.get_model(config.model)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  state = create_train_state(config, model, init_key, total_steps)
+  schedule = learning_rate_schedule(config.train, total_steps)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = checkpointer.restore_latest(_state_dict(state))
+  if restored is not None:
+    state_dict, meta = restored
+    state = state.replace(step=state_dict['step'], params=state_dict['params'],
+                          batch_stats=state_dict['batch_stats'],
+                          opt_state=state_dict['opt_state'])
+    logging.info('Resumed from step %d (%s).', int(state.step), meta)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(AXIS))
+  state = jax.device_put(state, replicated)
+  step_fn = make_train_step(config, mesh, schedule)
+  predict_fn = make_predict_fn(eval_model)
+  start_step = int(state.step)
+  stream = _batch_stream(train_ds, config, steps_per_epoch, start_step)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  halt_at = (start_step + config.train.halt_after_steps
+             if config.train.halt_after_steps > 0 else None)
+  last_eval: dict[str, Any] | None = None
+  ckpt_meta = lambda step: {'kind': 'train_state', 'step': step, 'seed': config.seed,
+                            'epoch': step // steps_per_epoch, 'steps_per_epoch': steps_per_epoch}
+
+  def save(step: int) -> None:
+    host_state = jax.device_get(_state_dict(state))
+    if not _all_finite(host_state['params']):
+      raise FloatingPointError(f'Non-finite parameters at step {step}; not saved. The last '
+                               f'good checkpoint in {workdir}/checkpoints stays.')
+    checkpointer.save_latest(step, host_state, ckpt_meta(step))
+
+  def run_eval(step: int) -> dict[str, Any]:
+    variables = {'params': state.params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
+    head = headline(results)
+    checkpointer.save_best(step, jax.device_get(variables), head['dice'],
+                           {'kind': 'variables', 'step': step, **head})
+    _append_jsonl(metrics_path, {'step': step, 'split': 'eval', **head})
+    logging.info('step %d eval: %s', step, _summary_line(results))
+    results['_predictions'] = predictions
+    results['_step'] = step
+    return results
+
+  window_start, window_images = time.time(), 0
+  run_start = time.time()
+  step = start_step
+  with _StopRequested() as stop:
+    while step < total_steps:
+      batch = next(stream)
+      device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+                      for k in ('image', 'mask', 'valid')}
+      state, step_metrics = step_fn(state, device_batch, step_key)
+      step += 1
+      window_images += int(np.sum(batch['valid'])) * jax.process_count()
+      if step % config.train.log_every == 0 or step == total_steps:
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not all(math.isfinite(v) for v in host.values()):
+          raise FloatingPointError(
+              f'Non-finite training metrics at step {step}: {host}. Stopping; the last good '
+              f'checkpoint in {workdir}/checkpoints stays.')
+        elapsed = time.time() - window_start
+        ips = window_images / max(elapsed, 1e-9)
+        eta = (total_steps - step) * config.train.batch_size / max(ips, 1e-9)
+        logging.info('step %d/%d  loss %.4f  dice %.4f  lr %.2e  %.1f img/s  ETA %s', step,
+                     total_steps, host['loss'], host['dice'], host['learning_rate'], ips,
+                     _format_seconds(eta))
+        _append_jsonl(metrics_path, {'step': step, 'split': 'train', **host,
+                                     'images_per_sec': ips,
+                                     'elapsed_s': time.time() - run_start})
+        window_start, window_images = time.time(), 0
+      if step % config.train.checkpoint_every_steps == 0:
+        save(step)
+      if step % eval_every == 0 and step < total_steps:
+        last_eval = run_eval(step)
+      if stop.signum is not None or (halt_at is not None and step >= halt_at):
+        save(step)
+        checkpointer.close()
+        logging.warning('Stopped at step %d; rerun the same command to resume.', step)
+        return {}
+  save(step)
+  if last_eval is None or last_eval.get('_step') != step:
+    last_eval = run_eval(step)
+  predictions = last_eval.pop('_predictions')
+  last_eval.pop('_step')
+  name = 'eval_' + '+'.join(config.data.eval_sets)
+  metrics_lib.write_results(last_eval, workdir, name)
+  plots.training_curves(metrics_path, os.path.join(workdir, 'training_curves.png'))
+  plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, 'val_overlays.png'),
+                     max_items=config.train.num_overlays)
+  checkpointer.close()
+  logging.info('Done in %s. %s. Results: %s/%s.md', _format_seconds(time.time() - run_start),
+               _summary_line(last_eval), workdir, name)
+  return last_eval
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the workdir's best (or latest) checkpoint on `config.eval.split`."""
+  run_config, variables = checkpointing.load_for_inference(workdir, config.eval.checkpoint)
+  run_config = ml_collections.ConfigDict(run_config.to_dict())
+  run_config.data.root = config.data.root
+  run_config.data.cache_dir = config.data.cache_dir
+  run_config.data.eval_sets = tuple(s.strip() for s in config.eval.split.split(','))
+  run_config.eval = config.eval
+  full = data_lib.load_dataset(run_config.data, name='all')
+  wanted = []
+  for name in run_config.data.eval_sets:
+    wanted += full.cases if name == data_lib.ALL_CASES else data_lib.get_official_set(name)
+  eval_ds = full.select_cases(wanted, name='+'.join(run_config.data.eval_sets))
+  if not len(eval_ds):
+    raise ValueError(f'No frames of {run_config.data.eval_sets} in {run_config.data.root}.')
+  predict_fn = make_predict_fn(models.get_model(run_config.model))
+  results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, run_config)
+  name = f'eval_{config.eval.checkpoint}_' + '+'.join(run_config.data.eval_sets)
+  metrics_lib.write_results(results, workdir, name)
+  plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, f'{name}_overlays.png'),
+                     max_items=config.train.num_overlays)
+  logging.info('%s: %s. Results: %s/%s.md', name, _summary_line(results), workdir, name)
+  return results
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h:d}:{m:02d}:{s:02d}'

@@ -1,0 +1,142 @@
+"""Train step: loss against NumPy, and the parallel variants against a single device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import smoke
+from lvseg_jax import models
+from lvseg_jax import train
+
+
+def _config(name='ibu', parallel='jit', depth=2):
+  config = smoke.get_config()
+  config.model.name = name
+  config.model.base_width = 4
+  config.model.depth = depth
+  config.data.image_size = 16
+  config.augment.enabled = False   # identical batches on every path
+  config.train.parallel = parallel
+  config.train.warmup_steps = 0
+  config.train.learning_rate = 1e-2
+  return config
+
+
+def _batch(n=8, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  masks = np.stack([((yy - size / 2 - rng.integers(-2, 3))**2 +
+                     (xx - size / 2 - rng.integers(-2, 3))**2 < rng.integers(9, 25))
+                    for _ in range(n)]).astype(np.int32)
+  images = (masks[..., None] + rng.normal(0, 0.3, (n, size, size, 1))).astype(np.float32)
+  return {'image': images, 'mask': masks, 'valid': np.ones((n,), bool)}
+
+
+def _np_losses(logits, masks, smooth=1.0):
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, masks[..., None], -1)[..., 0].mean((1, 2))
+  p = 1 - np.exp(logp[..., 0])
+  t = (masks > 0).astype(np.float64)
+  soft = (2 * (p * t).sum((1, 2)) + smooth) / (p.sum((1, 2)) + t.sum((1, 2)) + smooth)
+  hard_p = logits.argmax(-1) > 0
+  hard = 2 * (hard_p & (t > 0)).sum((1, 2)) / (hard_p.sum((1, 2)) + t.sum((1, 2)))
+  return ce, 1 - soft, hard
+
+
+def test_per_sample_losses_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, (3, 10, 12, 2)).astype(np.float32)
+  masks = (rng.random((3, 10, 12)) < 0.3).astype(np.int32)
+  got = train.per_sample_losses(jnp.asarray(logits), jnp.asarray(masks))
+  for g, e in zip(got, _np_losses(logits.astype(np.float64), masks)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_samples_do_not_change_the_loss():
+  config = _config('lnu')
+  model = models.get_model(config.model)
+  mesh = train.make_mesh(jax.devices()[:1])
+  schedule = train.learning_rate_schedule(config.train, 10)
+  state = train.create_train_state(config, model, jax.random.key(0), 10)
+  batch = _batch(4)
+  padded = {k: np.concatenate([v, np.zeros_like(v[:2]) if k != 'image'
+                               else 100 + np.zeros_like(v[:2])]) for k, v in batch.items()}
+  step = train.make_train_step(config, mesh, schedule)
+  _, m1 = step(jax.tree_util.tree_map(jnp.array, state), batch, jax.random.key(1))
+  _, m2 = step(jax.tree_util.tree_map(jnp.array, state), padded, jax.random.key(1))
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+
+
+def _run(config, devices, batches, use_raw_pmap=False):
+  axis = train.AXIS if config.train.parallel == 'pmap' else None
+  model = models.get_model(config.model, axis_name=axis)
+  schedule = train.learning_rate_schedule(config.train, 10)
+  state = train.create_train_state(config, model, jax.random.key(0), 10)
+  key = jax.random.key(1)
+  if use_raw_pmap:
+    n = len(devices)
+    body = jax.pmap(functools.partial(train.train_step, config=config, schedule=schedule,
+                                      axis_name=train.AXIS),
+                    axis_name=train.AXIS, devices=devices, in_axes=(0, 0, None))
+    state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), state)
+    for b in batches:
+      local = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in b.items()}
+      state, _ = body(state, local, key)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x[0]),
+                                  {'params': state.params, 'batch_stats': state.batch_stats})
+  mesh = train.make_mesh(devices)
+  step = train.make_train_step(config, mesh, schedule)
+  sharding = NamedSharding(mesh, P(train.AXIS))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  for b in batches:
+    state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in b.items()}, key)
+    assert np.isfinite(float(metrics['loss']))
+  return jax.tree_util.tree_map(np.asarray,
+                                {'params': state.params, 'batch_stats': state.batch_stats})
+
+
+@pytest.mark.parametrize('num_devices', [2, 8])
+def test_single_jit_sharded_shard_map_and_pmap_steps_agree(num_devices):
+  batches = [_batch(8, seed=s) for s in range(2)]
+  config = lambda parallel: _config('ibu', parallel, depth=1)
+  single = _run(config('jit'), jax.devices()[:1], batches)
+  variants = {
+      'jit-sharded': _run(config('jit'), jax.devices()[:num_devices], batches),
+      'shard_map': _run(config('pmap'), jax.devices()[:num_devices], batches),
+      'pmap': _run(config('pmap'), jax.devices()[:num_devices], batches, use_raw_pmap=True),
+  }
+  assert jax.tree_util.tree_leaves(single['batch_stats'])
+  for name, result in variants.items():
+    flat_a = jax.tree_util.tree_leaves_with_path(single)
+    flat_b = jax.tree_util.tree_leaves(result)
+    for (path, a), b in zip(flat_a, flat_b):
+      np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5,
+                                 err_msg=f'{name} differs at {jax.tree_util.keystr(path)}')
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+  config = _config('ibu')
+  config.train.learning_rate = 3e-2
+  model = models.get_model(config.model)
+  schedule = train.learning_rate_schedule(config.train, 60)
+  state = train.create_train_state(config, model, jax.random.key(0), 60)
+  step = train.make_train_step(config, train.make_mesh(jax.devices()[:1]), schedule)
+  batch = _batch(4)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.3 * losses[0], losses[::10]
+  assert float(metrics['dice']) > 0.8
+
+
+def test_unknown_parallel_mode_is_a_clear_error():
+  config = _config()
+  config.train.parallel = 'ddp'
+  with pytest.raises(ValueError, match="'jit' or 'pmap'"):
+    train.make_train_step(config, train.make_mesh(), lambda s: 0.0)
