@@ -58,24 +58,30 @@ def get_config() -> ml_collections.ConfigDict:
   data.drop_remainder = True   # training batches: drop the last partial batch, else pad + mask
 
   # ---------------------------------------------------------------- augmentation
+  # On-device, per sample, inside the jitted train step (lvseg_jax/augment.py). Each component
+  # has its own switch for ablations; a neutral range ((1, 1), 0) also turns one off.
   config.augment = aug = ml_collections.ConfigDict()
-  aug.enabled = True
+  aug.enabled = True                 # False: augment() returns its inputs unchanged
   aug.affine = True
-  aug.rotation_deg = 15.0
-  aug.scale = (0.9, 1.1)             # isotropic scale range
-  aug.aspect = (0.95, 1.05)          # anisotropic factor range
-  aug.translation_frac = 0.05        # fraction of the image size
-  aug.flip_lr = False
-  aug.flip_ud = False
+  aug.rotation_deg = 15.0            # uniform in [-r, r]; positive = counter-clockwise
+  aug.scale = (0.9, 1.1)             # isotropic zoom range (> 1 enlarges the content)
+  aug.aspect = (0.95, 1.05)          # anisotropic factor a: rows x sqrt(a), columns / sqrt(a)
+  aug.translation_frac = 0.05        # uniform shift in [-f, f] x image size, per axis
+  aug.flip_lr = False                # random left-right flip (p = 0.5)
+  aug.flip_ud = False                # random up-down flip (p = 0.5)
   aug.elastic = True
-  aug.elastic_alpha = 34.0           # displacement scale in pixels at 256x256 (Simard et al.)
-  aug.elastic_sigma = 4.0            # Gaussian smoothing width in pixels at 256x256
-  aug.elastic_prob = 0.5
-  aug.mode = 'constant'              # boundary mode for map_coordinates
-  aug.intensity = False
-  aug.gamma = (0.8, 1.25)
-  aug.contrast = (0.9, 1.1)
-  aug.noise_std = 0.03
+  aug.elastic_alpha = 34.0           # Simard's alpha, pixels at reference_size; displacement
+                                     # std = alpha/sqrt(3) * ||k_sigma||^2 = 1.38 px at 256
+  aug.elastic_sigma = 4.0            # Gaussian smoothing width in pixels at reference_size
+  aug.elastic_prob = 0.5             # fraction of samples that get the elastic deformation
+  aug.elastic_method = 'coarse'      # coarse (Gaussian basis on a coarse grid, faster) | conv
+  aug.reference_size = 256           # alpha/sigma scale with image_size / reference_size
+  aug.mode = 'constant'              # map_coordinates boundary: constant|nearest|wrap|mirror|reflect
+  aug.cval = 0.0                     # image fill for mode='constant' (masks are filled with 0)
+  aug.intensity = False              # off until measured to help
+  aug.gamma = (0.8, 1.25)            # log-uniform gamma on the per-image min-max range
+  aug.contrast = (0.9, 1.1)          # factor about the per-image mean
+  aug.noise_std = 0.03               # additive Gaussian noise, normalized-intensity units
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()
@@ -117,7 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   pr.fill_holes = True               # fill holes (papillary muscles count as cavity in SCD)
   pr.tta = False                     # test-time augmentation, softmax averaged; saves the
                                      # per-pixel variance as uncertainty/*.png
-  pr.tta_transforms = 'd4'           # d4: 4 rotations x 2 flips (8) | flips: 4 flips
+  pr.tta_transforms = 'd4'           # d4: 4 rotations x 2 flips (8) | flips (4) | lr (2);
+                                     # only for models trained with flip augmentation
   pr.save_masks = True               # masks/IM-0001-NNNN.png (0/255)
   pr.save_contours = True            # contours/IM-0001-NNNN-icontour-auto.txt
   pr.save_overlays = True            # overlays/IM-0001-NNNN.png

@@ -111,7 +111,9 @@ def load_for_inference(workdir: str, which: str = 'best',
     raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}.")
   config = load_config(workdir)
   model = models.get_model(config.model)
-  variables = models.init_variables(model, jax.random.key(0), int(config.data.image_size))
+  # Only the structure is needed as a restore target: trace, don't compute.
+  abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0),
+                                                          int(config.data.image_size)))
   workdir = os.path.abspath(workdir)
   best_dir, latest_dir = os.path.join(workdir, 'best'), os.path.join(workdir, 'checkpoints')
   manager_dir = best_dir if which == 'best' else latest_dir
@@ -134,7 +136,6 @@ def load_for_inference(workdir: str, which: str = 'best',
     if restored.get('batch_stats'):
       state['batch_stats'] = restored['batch_stats']
   else:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, variables)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
   manager.close()

@@ -1,0 +1,432 @@
+"""Tests of lvseg_jax.predict and lvseg_jax.export: TTA, post-processing, contour files, NIfTI
+geometry against the DICOM headers, bad input, and a full prediction run with a tiny model."""
+
+import csv
+import glob
+import json
+import os
+import re
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+from PIL import Image
+import pydicom
+import pytest
+
+from configs import default
+from lvseg_jax import checkpointing
+from lvseg_jax import contours
+from lvseg_jax import data
+from lvseg_jax import export
+from lvseg_jax import models
+from lvseg_jax import predict
+
+SERIES = ('SCD0000201', 'SC-HF-I-02')  # the 18-frame series: 9 slices x 2 phases, all contoured
+IMAGE_SIZE = 64
+
+
+def tiny_config():
+  config = default.get_config()
+  config.model.name = 'ibu'
+  config.model.base_width = 4
+  config.model.depth = 2
+  config.data.image_size = IMAGE_SIZE
+  config.predict.batch_size = 8  # 18 frames: two full batches and a padded one
+  return config
+
+
+def random_variables(model, seed=0):
+  """He-normal conv kernels, unit scales/variances, zero biases/means, from shapes only.
+
+  `jax.eval_shape` instead of `model.init` keeps the test fast: initializing even a tiny model
+  eagerly compiles dozens of small XLA programs.
+  """
+  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), IMAGE_SIZE))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      return np.ones(s.shape, s.dtype)
+    if name in ('bias', 'mean'):
+      return np.zeros(s.shape, s.dtype)
+    fan_in = int(np.prod(s.shape[:-1]))
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def dicom_header(path):
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------ TTA
+
+
+class PixelModel:
+  """Per-pixel logits: commutes with every flip and rotation."""
+
+  def apply(self, variables, x, train=False):
+    del train
+    return jnp.concatenate([-x * variables['w'], x * variables['w']], axis=-1)
+
+
+class RampModel:
+  """Logits with a left-to-right ramp: not equivariant, so TTA copies disagree."""
+
+  def apply(self, variables, x, train=False):
+    del train
+    ramp = jnp.linspace(-3.0, 3.0, x.shape[2])[None, None, :, None]
+    lv = x * variables['w'] + ramp
+    return jnp.concatenate([jnp.zeros_like(lv), lv], axis=-1)
+
+
+def softmax_np(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_tta_of_an_equivariant_model_changes_nothing():
+  x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
+  variables = {'w': jnp.float32(2.0)}
+  plain, plain_var = predict.make_forward_fn(PixelModel(), 'none')(variables, x)
+  for mode in ('flips', 'd4'):
+    mean, var = predict.make_forward_fn(PixelModel(), mode)(variables, x)
+    np.testing.assert_allclose(mean, plain, atol=1e-6)
+    np.testing.assert_allclose(var, 0.0, atol=1e-10)
+  np.testing.assert_allclose(plain_var, 0.0)
+  np.testing.assert_allclose(plain[..., 1], 1 / (1 + np.exp(-4 * x[..., 0])), rtol=1e-5)
+
+
+def test_tta_d4_averages_the_eight_symmetries():
+  x = np.random.default_rng(1).normal(size=(2, 12, 12, 1)).astype(np.float32)
+  variables = {'w': jnp.float32(1.0)}
+  # NumPy oracle: the 8 distinct elements of the square's symmetry group.
+  outputs, views = [], []
+  for flip in (False, True):
+    for k in range(4):
+      view = np.rot90(x[:, :, ::-1] if flip else x, k, axes=(1, 2))
+      views.append(view)
+      out = softmax_np(np.asarray(RampModel().apply(variables, jnp.asarray(view))))
+      out = np.rot90(out, -k, axes=(1, 2))
+      outputs.append(out[:, :, ::-1] if flip else out)
+  assert len({v.tobytes() for v in views}) == 8
+  outputs = np.stack(outputs)
+  mean, var = predict.make_forward_fn(RampModel(), 'd4')(variables, x)
+  np.testing.assert_allclose(mean, outputs.mean(0), atol=1e-5)
+  np.testing.assert_allclose(var, outputs[..., 1].var(0), atol=1e-6)
+  assert float(np.max(var)) > 0.01  # the ramp makes the copies disagree
+  with pytest.raises(ValueError, match='tta_transforms'):
+    predict.make_forward_fn(RampModel(), 'everything')
+
+
+# ------------------------------------------------------------------------------ post-processing
+
+
+def test_postprocess_keeps_the_largest_component_and_fills_holes():
+  mask = np.zeros((40, 40), np.uint8)
+  mask[5:25, 5:25] = 1          # 400 px square ...
+  mask[12:18, 12:18] = 0        # ... with a 36 px hole
+  mask[30:35, 30:35] = 1        # a separate 25 px blob
+  out = predict.postprocess_mask(mask, largest_component=True, fill_holes=True)
+  assert out.dtype == np.uint8 and out.sum() == 400 and out[15, 15] == 1 and out[32, 32] == 0
+  out = predict.postprocess_mask(mask, largest_component=False, fill_holes=True)
+  assert out.sum() == 425
+  out = predict.postprocess_mask(mask, largest_component=True, fill_holes=False)
+  assert out.sum() == 364
+  np.testing.assert_array_equal(predict.postprocess_mask(mask, False, False), mask)
+  assert predict.postprocess_mask(np.zeros((5, 5)), True, True).sum() == 0
+
+
+# ------------------------------------------------------------------------------ writers
+
+
+def test_auto_contour_file_round_trip(tmp_path):
+  y, x = np.mgrid[:64, :64]
+  disk = ((x - 30.3) ** 2 + (y - 25.7) ** 2 <= 11.0 ** 2).astype(np.uint8)
+  contour = predict.metrics.mask_to_contour(disk)
+  path = export.write_auto_contour(str(tmp_path), 48, contour)
+  assert os.path.basename(path) == 'IM-0001-0048-icontour-auto.txt'
+  with open(path) as f:
+    lines = f.read().splitlines()
+  assert len(lines) == len(contour)
+  assert all(re.fullmatch(r'-?\d+\.\d\d -?\d+\.\d\d', line) for line in lines)
+  back = contours.read_contour_file(path, image_shape=disk.shape)
+  np.testing.assert_allclose(back, contour, atol=0.005 + 1e-9)
+  assert export.write_auto_contour(str(tmp_path), 49, np.zeros((0, 2))) is None
+  assert not os.path.exists(tmp_path / 'IM-0001-0049-icontour-auto.txt')
+
+
+def test_uncertainty_scale_and_mask_png(tmp_path):
+  variance = np.array([[0.0, 0.125], [0.25, 0.4]])
+  np.testing.assert_array_equal(export.uncertainty_to_uint8(variance), [[0, 128], [255, 255]])
+  export.write_uncertainty_png(str(tmp_path / 'u.png'), variance)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'u.png')),
+                                [[0, 128], [255, 255]])
+  export.write_mask_png(str(tmp_path / 'm.png'), np.array([[0, 1], [3, 0]]))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'm.png')), [[0, 255], [255, 0]])
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, data_root):
+  config = tiny_config()
+  with pytest.raises(predict.PredictError, match='does not exist'):
+    predict.find_series(str(tmp_path / 'nope'), config)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(predict.PredictError, match='no DICOM series'):
+    predict.find_series(str(tmp_path / 'empty'), config)
+  (tmp_path / 'text').mkdir()
+  (tmp_path / 'text' / 'notes.txt').write_text('not an image')
+  with pytest.raises(predict.PredictError, match='no DICOM series'):
+    predict.find_series(str(tmp_path / 'text'), config)
+  with pytest.raises(predict.PredictError, match='not a file'):
+    predict.find_series(str(tmp_path / 'text' / 'notes.txt'), config)
+  # Two frames of two different series in one folder.
+  mixed = tmp_path / 'mixed'
+  mixed.mkdir()
+  for scd_id in ('SCD0000101', 'SCD0000201'):
+    first = sorted(glob.glob(os.path.join(data_root, 'SCD_IMAGES_01', scd_id, '*', '*.dcm')))[0]
+    shutil.copy(first, mixed / f'{scd_id}.dcm')
+  with pytest.raises(predict.PredictError, match='2 different series'):
+    predict.find_series(str(mixed), config)
+
+
+def test_missing_pixel_spacing_falls_back_to_nominal(tmp_path, data_root):
+  source = sorted(glob.glob(os.path.join(data_root, 'SCD_IMAGES_01', SERIES[0], '*',
+                                         '*.dcm')))[:2]
+  folder = tmp_path / 'series'
+  folder.mkdir()
+  for path in source:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      ds = pydicom.dcmread(path)
+      del ds.PixelSpacing
+      ds.save_as(str(folder / os.path.basename(path)))
+  config = tiny_config()
+  config.data.nominal_spacing_mm = 1.5
+  series, = predict.find_series(str(folder), config)
+  assert all(f.pixel_spacing == (1.5, 1.5) and f.spacing_source == 'nominal'
+             for f in series.frames)
+  assert any('PixelSpacing' in w for w in series.warnings)
+
+
+def test_slice_spacing_fallbacks():
+  def frame(slice_index, position=None, spacing=None, thickness=None):
+    return data.Frame(case='x', frame_id='f', instance=slice_index + 1,
+                      image=np.zeros((4, 4), np.float32), mask=None, contour=None,
+                      pixel_spacing=(1.0, 1.0), spacing_source='dicom', slice_index=slice_index,
+                      phase_index=0, slice_position=position, spacing_between_slices=spacing,
+                      slice_thickness=thickness)
+  assert predict.slice_spacing([frame(0, 0.0, 9.0), frame(1, -9.0, 9.0)])[:2] == (9.0, 'dicom')
+  assert predict.slice_spacing([frame(0, 0.0), frame(1, -7.5)])[:2] == (7.5, 'positions')
+  assert predict.slice_spacing([frame(0, None, None, 6.0)])[:2] == (6.0, 'thickness')
+  assert predict.slice_spacing([frame(0)], fallback_mm=5.0)[:2] == (5.0, 'config')
+  value, source, notes = predict.slice_spacing([frame(0)])
+  assert np.isnan(value) and source == 'none' and 'not computed' in notes[0]
+  _, _, notes = predict.slice_spacing([frame(0, 0.0, 5.0), frame(1, 10.0, 5.0)])
+  assert any('differs' in n for n in notes)
+
+
+# ------------------------------------------------------------------------------ a full run
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tmp_path_factory):
+  config = tiny_config()
+  workdir = str(tmp_path_factory.mktemp('workdir'))
+  variables = random_variables(models.get_model(config.model))
+  checkpointing.save_config(config, workdir)
+  manager = checkpointing.Checkpointer(workdir)
+  manager.save_best(1, variables, 0.5, {'step': 1})
+  manager.close()
+  return workdir, variables
+
+
+@pytest.fixture(scope='module')
+def prediction_run(tiny_workdir, data_root, tmp_path_factory):
+  workdir, _ = tiny_workdir
+  config = tiny_config()
+  config.predict.tta = True
+  config.predict.contour_dir = os.path.join(data_root, 'SCD_ManualContours')
+  output = str(tmp_path_factory.mktemp('prediction'))
+  series_dir = os.path.join(data_root, 'SCD_IMAGES_01', SERIES[0])
+  summaries = predict.predict(config, workdir, series_dir, output)
+  return output, summaries, glob.glob(os.path.join(series_dir, '*'))[0]
+
+
+def test_prediction_run_writes_every_output(prediction_run):
+  output, summaries, dicom_dir = prediction_run
+  assert len(summaries) == 1
+  name = summaries[0]['series']
+  assert name == 'SC-HF-I-02_CINESAX_300'
+  folder = os.path.join(output, name)
+  dicoms = sorted(glob.glob(os.path.join(dicom_dir, '*.dcm')))
+  instances = sorted(int(dicom_header(p).InstanceNumber) for p in dicoms)
+  ids = [f'IM-0001-{n:04d}' for n in instances]
+  for sub in ('masks', 'overlays', 'uncertainty'):
+    assert sorted(os.listdir(os.path.join(folder, sub))) == [f'{i}.png' for i in ids], sub
+  rows = read_csv(os.path.join(folder, 'frames.csv'))
+  assert sorted(r['frame_id'] for r in rows) == ids
+  detected = {r['frame_id'] for r in rows if r['detected'] == '1'}
+  assert detected, 'the tiny model should segment something'
+  assert sorted(os.listdir(os.path.join(folder, 'contours'))) == sorted(
+      f'{i}-icontour-auto.txt' for i in detected)
+  for i in detected:
+    points = contours.read_contour_file(os.path.join(folder, 'contours',
+                                                     f'{i}-icontour-auto.txt'))
+    assert points.shape[1] == 2 and len(points) >= 3
+  for kind in ('mask', 'image'):
+    assert os.path.isfile(os.path.join(folder, f'{name}_{kind}.nii.gz'))
+  for path in ('volumes.csv', 'volume_curve.png', 'summary.json', '../summary.csv',
+               '../summary.json'):
+    assert os.path.isfile(os.path.join(folder, path)), path
+  # Overlays are RGB images of the frame size; uncertainty maps are frame-size grey images.
+  first = Image.open(os.path.join(folder, 'overlays', f'{ids[0]}.png'))
+  assert first.mode == 'RGB' and first.size == (256, 256)
+  unc = np.stack([np.asarray(Image.open(os.path.join(folder, 'uncertainty', f'{i}.png')))
+                  for i in ids])
+  assert unc.shape == (18, 256, 256) and unc.max() > 0
+
+
+def test_prediction_areas_and_volumes_follow_the_masks(prediction_run):
+  output, summaries, dicom_dir = prediction_run
+  summary = summaries[0]
+  folder = os.path.join(output, summary['series'])
+  header = dicom_header(sorted(glob.glob(os.path.join(dicom_dir, '*.dcm')))[0])
+  row_mm, col_mm = (float(v) for v in header.PixelSpacing)
+  between = float(header.SpacingBetweenSlices)
+  rows = read_csv(os.path.join(folder, 'frames.csv'))
+  totals = {}
+  for r in rows:
+    mask = np.asarray(Image.open(os.path.join(folder, 'masks', f"{r['frame_id']}.png")))
+    assert set(np.unique(mask)) <= {0, 255}
+    area = np.count_nonzero(mask) * row_mm * col_mm
+    assert float(r['area_mm2']) == pytest.approx(area, rel=1e-4)
+    totals[int(r['phase_index'])] = totals.get(int(r['phase_index']), 0.0) + area * between / 1e3
+  volumes = read_csv(os.path.join(folder, 'volumes.csv'))
+  for v in volumes:
+    assert float(v['volume_ml']) == pytest.approx(totals[int(v['phase_index'])], rel=1e-4)
+  edv, esv = max(totals.values()), min(totals.values())
+  top, = read_csv(os.path.join(output, 'summary.csv'))
+  assert float(top['edv_ml']) == pytest.approx(edv, rel=1e-4)
+  assert float(top['esv_ml']) == pytest.approx(esv, rel=1e-4)
+  assert float(top['ef_pct']) == pytest.approx(100 * (edv - esv) / edv, rel=1e-3, abs=1e-3)
+  assert int(top['ed_phase']) == max(totals, key=totals.get)
+  # Expert volumes come with the run because predict.contour_dir was given.
+  assert float(top['expert_edv_ml']) == pytest.approx(242, abs=0.5)  # the data README's EDV
+  with open(os.path.join(folder, 'summary.json')) as f:
+    saved = json.load(f)
+  assert saved['expert']['phase']['ed_phase'] is not None
+  assert saved['tta'] == 'd4' and saved['slice_spacing_source'] == 'dicom'
+
+
+def test_nifti_affine_holds_the_dicom_geometry(prediction_run):
+  output, summaries, dicom_dir = prediction_run
+  name = summaries[0]['series']
+  folder = os.path.join(output, name)
+  mask_img = nib.load(os.path.join(folder, f'{name}_mask.nii.gz'))
+  image_img = nib.load(os.path.join(folder, f'{name}_image.nii.gz'))
+  np.testing.assert_allclose(image_img.affine, mask_img.affine)
+  affine = mask_img.affine
+  rows = {int(r['instance']): r for r in read_csv(os.path.join(folder, 'frames.csv'))}
+  volume = np.asarray(mask_img.dataobj)
+  image_volume = np.asarray(image_img.dataobj)
+  assert volume.shape == (256, 256, 9, 2)
+  paths = sorted(glob.glob(os.path.join(dicom_dir, '*.dcm')))
+  header = dicom_header(paths[0])
+  row_mm, col_mm = (float(v) for v in header.PixelSpacing)
+  zooms = mask_img.header.get_zooms()
+  np.testing.assert_allclose(zooms[:3], (col_mm, row_mm, float(header.SpacingBetweenSlices)),
+                             rtol=1e-4)
+  assert mask_img.header.get_qform(coded=True)[1] == 1
+  inverse = np.linalg.inv(affine)
+  seen = set()
+  for path in paths:
+    h = dicom_header(path)
+    position = np.array([float(v) for v in h.ImagePositionPatient])
+    cosines = np.array([float(v) for v in h.ImageOrientationPatient]).reshape(2, 3)
+    spacing = [float(v) for v in h.PixelSpacing]
+    for r, c in ((0, 0), (17, 203), (255, 255)):
+      lps = position + c * spacing[1] * cosines[0] + r * spacing[0] * cosines[1]
+      ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
+      voxel = inverse @ ras
+      np.testing.assert_allclose(voxel[:2], (c, r), atol=1e-3)
+      k = int(round(voxel[2]))
+      assert abs(voxel[2] - k) < 1e-3 and 0 <= k < 9
+    # The frame stored at that slice (and its phase) is this DICOM's frame and its mask.
+    t = int(rows[int(h.InstanceNumber)]['phase_index'])
+    seen.add((k, t))
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      pixels = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(image_volume[:, :, k, t].T, pixels)
+    png = np.asarray(Image.open(os.path.join(folder, 'masks',
+                                             f'IM-0001-{int(h.InstanceNumber):04d}.png')))
+    np.testing.assert_array_equal(volume[:, :, k, t].T, png // 255)
+  assert len(seen) == 18
+
+
+def test_png_folder_of_unexpected_size(tiny_workdir, tmp_path):
+  _, variables = tiny_workdir
+  config = tiny_config()
+  folder = tmp_path / 'pngs'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in (2, 10, 1):  # natural order: 1, 2, 10
+    Image.fromarray(rng.integers(0, 255, (100, 80), dtype=np.uint8)).save(
+        folder / f'scan_{i}.png')
+  series, = predict.find_series(str(folder), config)
+  assert series.kind == 'png' and [f.instance for f in series.frames] == [1, 2, 3]
+  assert [os.path.basename(f.source_path) for f in series.frames] == [
+      'scan_1.png', 'scan_2.png', 'scan_10.png']
+  assert any('nominal' in w for w in series.warnings)
+  model = models.get_model(config.model)
+  output = str(tmp_path / 'out')
+  summary, = predict.run_series(model, variables, [series], config, output)
+  masks = sorted(glob.glob(os.path.join(output, series.name, 'masks', '*.png')))
+  assert len(masks) == 3
+  assert all(Image.open(p).size == (80, 100) for p in masks)
+  assert summary['volumes'] is None and summary['num_slices'] is None
+  nifti = nib.load(os.path.join(output, series.name, f'{series.name}_mask.nii.gz'))
+  assert nifti.shape == (80, 100, 3)
+  np.testing.assert_allclose(nifti.header.get_zooms()[:2], (1.3672, 1.3672), rtol=1e-4)
+
+
+def test_tree_of_series_and_png_data_set_layout(tmp_path, data_root):
+  config = tiny_config()
+  tree = tmp_path / 'tree'
+  for scd_id, sub in (('SCD0000201', 'a'), ('SCD0000101', os.path.join('b', 'c'))):
+    (tree / sub).mkdir(parents=True)
+    for path in sorted(glob.glob(os.path.join(data_root, 'SCD_IMAGES_01', scd_id, '*',
+                                              '*.dcm')))[:2]:
+      shutil.copy(path, tree / sub)
+  found = predict.find_series(str(tree), config)
+  assert sorted(s.case for s in found) == ['SCD0000101', 'SCD0000201']
+  assert len({s.name for s in found}) == 2 and all(len(s.frames) == 2 for s in found)
+  # A PNG data set (images/ + i_labels/): the label PNGs are the expert, not another series.
+  meow = os.path.join(data_root, 'derived_png_meow2')
+  names = sorted(os.listdir(os.path.join(meow, 'images')))[:3]
+  for sub in ('images', 'i_labels'):
+    (tmp_path / 'pngset' / sub).mkdir(parents=True)
+    for name in names:
+      shutil.copy(os.path.join(meow, sub, name), tmp_path / 'pngset' / sub)
+  found = predict.find_series(str(tmp_path / 'pngset'), config)
+  assert sum(len(s.frames) for s in found) == 3
+  for s in found:
+    for f in s.frames:
+      label = np.asarray(Image.open(os.path.join(meow, 'i_labels', os.path.basename(
+          f.source_path))))
+      np.testing.assert_array_equal(f.mask, label > 0)
