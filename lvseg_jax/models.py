@@ -9,6 +9,15 @@ One `UNet` module; the variants differ only in which normalization each conv blo
 
 Convolutions are 'SAME'-padded (the original U-Net used unpadded convolutions and cropped the
 skips; padding keeps input and output sizes equal, as every public SCD U-Net does).
+
+CPU speed (see docs/BENCHMARKS.md, "Training throughput"): two layers are written so that XLA's
+CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose` and
+`nn.max_pool` compute, with the same parameters:
+  * `UpConv2x2`, the 2x2 stride-2 transposed convolution, as one matmul to 4 * features per
+    pixel and a depth-to-space (XLA CPU otherwise runs the input-dilated convolution and its
+    weight gradient with a naive loop emitter);
+  * `max_pool_2x2` as a reshape + max whose gradient goes to the first maximum of each window,
+    like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter).
 """
 
 from typing import Any, Callable, Sequence
@@ -23,6 +32,74 @@ from lvseg_jax import norms
 Array = jax.Array
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: Array) -> Array:
+  """2x2 stride-2 max pooling of NHWC `x` (even H and W): `nn.max_pool(x, (2, 2), (2, 2))`.
+
+  Same values as `nn.max_pool`; the gradient goes, like XLA's `select_and_scatter` (the
+  `nn.max_pool` gradient), to the first maximum of each window in row-major order, so even at
+  exact ties both give the same gradients.
+  """
+  n, h, w, c = x.shape
+  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
+  x, y = residuals
+  n, h, w, c = x.shape
+  x6 = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  is_max = x6 == y[:, :, None, :, None, :]
+  # Window elements in row-major order; each one wins only if no earlier one is a maximum.
+  taken = jnp.zeros_like(is_max[:, :, 0, :, 0])
+  first = []
+  for a in range(2):
+    for b in range(2):
+      here = is_max[:, :, a, :, b] & ~taken
+      first.append(here)
+      taken = taken | here
+  first = jnp.stack(first, axis=-2).reshape(n, h // 2, w // 2, 2, 2, c)
+  first = first.transpose(0, 1, 3, 2, 4, 5)            # (n, h/2, a, w/2, b, c)
+  dx = jnp.where(first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return (dx.reshape(n, h, w, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+class UpConv2x2(nn.Module):
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` (padding 'SAME') as a matmul.
+
+  Same parameters as `nn.ConvTranspose` (`kernel` (2, 2, in, features), `bias`) and the same
+  initialization. With stride = kernel size the output windows do not overlap: output pixel
+  (2i + a, 2j + b) is `x[i, j] @ kernel[1 - a, 1 - b] + bias` (lax.conv_transpose with
+  'SAME' padding and no kernel transposition flips the kernel), so the layer is one
+  (N*H*W, in) x (in, 4 * features) matmul followed by a depth-to-space.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, h, w, cin = x.shape
+    kernel = self.param('kernel', self.kernel_init, (2, 2, cin, self.features),
+                        self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # (cin, a, b, features) with the spatial flip, as one (cin, 4 * features) matrix.
+    k = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(cin, 4 * self.features)
+    y = jnp.dot(x.reshape(n * h * w, cin), k)
+    y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, 2 * h, 2 * w, self.features) + bias
 
 
 class ConvBlock(nn.Module):
@@ -96,12 +173,11 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = self._block(level, self.base_width * 2**level, f'down{level}')(x, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = self._block(self.depth, self.base_width * 2**self.depth, 'bottleneck')(x, train)
     for i, level in enumerate(reversed(range(self.depth))):
       features = self.base_width * 2**level
-      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype,
-                           name=f'upconv{level}')(x)
+      x = UpConv2x2(features, dtype=self.dtype, name=f'upconv{level}')(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = self._block(self.depth + 1 + i, features, f'up{level}')(x, train)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)

@@ -12,8 +12,15 @@ BatchNorm state convention (documented in the README and tested against PyTorch)
     `unbiased_running_var=True` it holds the unbiased one (PyTorch's `running_var`), which makes
     the running statistics match `torch.nn.BatchNorm2d` update for update.
   * Normalization in training mode always uses the biased batch variance (both frameworks).
+
+Speed: every normalization runs through `_normalize`, which computes exactly the formulas of
+`_moments` and `(x - mean) * rsqrt(var + epsilon) * scale + bias` but has a hand-written VJP:
+the chain rule of those same formulas, organized as the usual two per-channel reductions and
+one elementwise pass. Differentiating the formulas directly makes XLA's CPU backend emit
+several extra full-size passes per layer (about 5x slower for a 128x128x16 BatchNorm + ReLU).
 """
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -23,22 +30,121 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None,
-             ) -> tuple[Array, Array, Array]:
-  """Float32 mean, biased variance and element count over `axes` (and devices)."""
+def _mean_and_mean_sq(x: Array, axes: Sequence[int], axis_name: str | None = None,
+                      keepdims: bool = False) -> tuple[Array, Array]:
+  """Float32 E[x] and E[x^2] over `axes` (and over the devices of `axis_name`)."""
   x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=axes)
-  mean_sq = jnp.mean(jnp.square(x32), axis=axes)
+  mean = jnp.mean(x32, axis=tuple(axes), keepdims=keepdims)
+  mean_sq = jnp.mean(jnp.square(x32), axis=tuple(axes), keepdims=keepdims)
+  if axis_name is not None:
+    # Equal per-device batch sizes, so averaging the moments gives the global moments.
+    mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+  return mean, mean_sq
+
+
+def _count(x: Array, axes: Sequence[int], axis_name: str | None = None) -> Array:
   count = 1
   for a in axes:
     count *= x.shape[a]
   count = jnp.asarray(count, jnp.float32)
   if axis_name is not None:
-    # Equal per-device batch sizes, so averaging the moments gives the global moments.
-    mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
     count = jax.lax.psum(count, axis_name)
+  return count
+
+
+def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None,
+             ) -> tuple[Array, Array, Array]:
+  """Float32 mean, biased variance and element count over `axes` (and devices)."""
+  mean, mean_sq = _mean_and_mean_sq(x, axes, axis_name)
   var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-  return mean, var, count
+  return mean, var, _count(x, axes, axis_name)
+
+
+def _sum(x: Array, axes: Sequence[int], axis_name: str | None) -> Array:
+  """Sum over `axes` (keepdims), and over the devices of `axis_name` when given."""
+  total = jnp.sum(x, axis=tuple(axes), keepdims=True)
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize(x: Array, scale: Array | None, bias: Array | None, axes: tuple[int, ...],
+               axis_name: str | None, epsilon: float) -> tuple[Array, Array, Array]:
+  """`((x - mean) * rsqrt(var + epsilon)) * scale + bias` with the moments over `axes`.
+
+  Returns the output (in x's dtype) and the float32 mean and biased variance (keepdims).
+  `scale` / `bias` are per last-axis channel, or None for none. Same values as `_moments`
+  followed by the affine; the custom VJP below is the exact chain rule of these formulas.
+  """
+  return _normalize_fwd(x, scale, bias, axes, axis_name, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, axes, axis_name, epsilon):
+  mean, mean_sq = _mean_and_mean_sq(x, axes, axis_name, keepdims=True)
+  var_raw = mean_sq - jnp.square(mean)
+  var = jnp.maximum(var_raw, 0.0)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (x.astype(jnp.float32) - mean) * inv
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, var_raw, inv)
+
+
+def _normalize_bwd(axes, axis_name, epsilon, residuals, cotangents):
+  del epsilon
+  x, scale, bias, mean, var_raw, inv = residuals
+  dy, dmean_out, dvar_out = cotangents
+  dy = dy.astype(jnp.float32)
+  channel_axes = tuple(range(x.ndim - 1))
+  x_centered = x.astype(jnp.float32) - mean
+  count = _count(x, axes, axis_name)
+  if tuple(sorted(axes)) == channel_axes:
+    # BatchNorm: the statistics and the affine reduce over the same axes, so two reductions
+    # give everything: sum(dy) and sum(dy * (x - mean)).
+    sum_dy = jnp.sum(dy, axis=channel_axes, keepdims=True)
+    sum_dy_xc = jnp.sum(dy * x_centered, axis=channel_axes, keepdims=True)
+    dscale = None if scale is None else (sum_dy_xc * inv).reshape(scale.shape)
+    dbias = None if bias is None else sum_dy.reshape(bias.shape)
+    if axis_name is not None:
+      sum_dy, sum_dy_xc = jax.lax.psum((sum_dy, sum_dy_xc), axis_name)
+    sum_dxhat = sum_dy if scale is None else sum_dy * scale
+    dinv = sum_dy_xc if scale is None else sum_dy_xc * scale
+  else:
+    # LayerNorm / InstanceNorm: statistics per sample (and channel), affine per channel.
+    xhat = x_centered * inv
+    dscale = None if scale is None else jnp.sum(dy * xhat, axis=channel_axes)
+    dbias = None if bias is None else jnp.sum(dy, axis=channel_axes)
+    dxhat_ = dy if scale is None else dy * scale
+    sum_dxhat = _sum(dxhat_, axes, axis_name)
+    dinv = _sum(dxhat_ * x_centered, axes, axis_name)
+  # Chain rule through y = (x - mean) * inv * scale + bias, inv = rsqrt(var + eps),
+  # var = max(mean_sq - mean^2, 0), mean = E[x], mean_sq = E[x^2] (E over `axes` and devices).
+  dvar = dinv * (-0.5) * inv**3 + dvar_out
+  # d max(v, 0) / dv as jax.numpy differentiates it: 1 above, 0 below, 1/2 at the tie.
+  dvar_raw = dvar * jnp.where(var_raw > 0, 1.0, jnp.where(var_raw == 0, 0.5, 0.0))
+  dmean = -inv * sum_dxhat + dmean_out
+  # dvar_raw / dx = 2 x / count - 2 mean / count, written with x - mean (no cancellation).
+  dx_scale = inv if scale is None else inv * scale
+  dx = dy * dx_scale + dmean / count + dvar_raw * (2.0 / count) * x_centered
+  if dscale is not None:
+    dscale = dscale.astype(scale.dtype)
+  if dbias is not None:
+    dbias = dbias.astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _affine_params(module: nn.Module, features: int, use_scale: bool, use_bias: bool,
+                   param_dtype) -> tuple[Array | None, Array | None]:
+  """The per-channel `scale` and `bias` parameters (None where not used)."""
+  scale = (module.param('scale', nn.initializers.ones, (features,), param_dtype)
+           if use_scale else None)
+  bias = (module.param('bias', nn.initializers.zeros, (features,), param_dtype)
+          if use_bias else None)
+  return scale, bias
 
 
 def _affine(module: nn.Module, y: Array, features: int, use_scale: bool, use_bias: bool,
@@ -82,18 +188,22 @@ class BatchNorm(nn.Module):
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
-    else:
-      mean, var, count = _moments(x, reduce_axes, self.axis_name)
-      if not self.is_initializing():
-        stored_var = var
-        if self.unbiased_running_var:
-          stored_var = var * count / jnp.maximum(count - 1.0, 1.0)
-        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * stored_var
+      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+      y = _affine(self, y, features, self.use_scale, self.use_bias, self.param_dtype)
+      return y.astype(x.dtype)
 
-    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = _affine(self, y, features, self.use_scale, self.use_bias, self.param_dtype)
-    return y.astype(x.dtype)
+    scale, bias = _affine_params(self, features, self.use_scale, self.use_bias,
+                                 self.param_dtype)
+    y, mean, var = _normalize(x, scale, bias, reduce_axes, self.axis_name, self.epsilon)
+    if not self.is_initializing():
+      mean, var = mean.reshape(features), var.reshape(features)
+      stored_var = var
+      if self.unbiased_running_var:
+        count = _count(x, reduce_axes, self.axis_name)
+        stored_var = var * count / jnp.maximum(count - 1.0, 1.0)
+      ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * stored_var
+    return y
 
 
 class InstanceNorm(nn.Module):
@@ -106,12 +216,9 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     spatial_axes = tuple(range(1, x.ndim - 1))
-    mean, var, _ = _moments(x, spatial_axes)
-    mean = jnp.expand_dims(mean, spatial_axes)
-    var = jnp.expand_dims(var, spatial_axes)
-    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = _affine(self, y, x.shape[-1], self.use_scale, self.use_bias, self.param_dtype)
-    return y.astype(x.dtype)
+    scale, bias = _affine_params(self, x.shape[-1], self.use_scale, self.use_bias,
+                                 self.param_dtype)
+    return _normalize(x, scale, bias, spatial_axes, None, self.epsilon)[0]
 
 
 class LayerNorm(nn.Module):
@@ -128,12 +235,9 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     sample_axes = tuple(range(1, x.ndim))
-    mean, var, _ = _moments(x, sample_axes)
-    mean = jnp.expand_dims(mean, sample_axes)
-    var = jnp.expand_dims(var, sample_axes)
-    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = _affine(self, y, x.shape[-1], self.use_scale, self.use_bias, self.param_dtype)
-    return y.astype(x.dtype)
+    scale, bias = _affine_params(self, x.shape[-1], self.use_scale, self.use_bias,
+                                 self.param_dtype)
+    return _normalize(x, scale, bias, sample_axes, None, self.epsilon)[0]
 
 
 IBN_MODES = ('split', 'sequential', 'blend')

@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,3 +176,31 @@ def test_every_config_loads_and_builds_its_model(path):
   expected = {'unet.py': 'unet', 'lnu.py': 'lnu', 'ibu.py': 'ibu'}.get(os.path.basename(path))
   if expected:
     assert config.model.name == expected
+
+
+def test_fast_pool_and_upconv_equal_flax_layers_in_value_and_gradient():
+  """The CPU-friendly max pool / 2x2 transposed conv compute what nn.max_pool and
+  nn.ConvTranspose compute, gradients included (ties in the pool too)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 6, 3)).astype(np.float32)
+  x[0, 0:2, 0:2, 0] = 1.0   # an exact tie inside one window
+  w = rng.normal(size=(2, 4, 3, 3)).astype(np.float32)
+  pool_ref = lambda a: jnp.sum(nn.max_pool(a, (2, 2), strides=(2, 2)) * w)
+  pool_new = lambda a: jnp.sum(models.max_pool_2x2(a) * w)
+  np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(jax.grad(pool_new)(x), jax.grad(pool_ref)(x))
+
+  ref = nn.ConvTranspose(5, (2, 2), strides=(2, 2))
+  new = models.UpConv2x2(5)
+  variables = ref.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), variables)
+  assert (jax.tree_util.tree_structure(new.init(jax.random.key(0), x)) ==
+          jax.tree_util.tree_structure(variables))
+  np.testing.assert_allclose(new.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  wy = rng.normal(size=(2, 16, 12, 5)).astype(np.float32)
+  g_new = jax.grad(lambda v, a: jnp.sum(new.apply(v, a) * wy), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(lambda v, a: jnp.sum(ref.apply(v, a) * wy), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,7 @@
 """Normalization layers against NumPy formulas, PyTorch layers and Flax's built-ins."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -294,3 +296,86 @@ def test_batchnorm_shard_map_equals_global_batch(num_devices):
   for key in ('mean', 'var'):
     np.testing.assert_allclose(upd['batch_stats'][key], upd_ref['batch_stats'][key],
                                rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- gradients
+
+def _grads(layer, variables, x, **kwargs):
+  """d/d(params, x) of a fixed random projection of the layer output."""
+  w = jnp.asarray(_rand(x.shape, seed=123))
+
+  def f(params, x):
+    out = layer.apply({**variables, 'params': params}, x, mutable=['batch_stats'], **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(jnp.sin(out) * w)
+
+  return jax.grad(f, argnums=(0, 1))(variables['params'], jnp.asarray(x))
+
+
+@pytest.mark.parametrize('which', ['batch', 'layer', 'instance'])
+def test_gradients_match_flax_autodiff(which):
+  """Our layers' gradients (input and affine) equal autodiff through Flax's built-ins."""
+  x = _rand((3, 6, 5, 4), loc=1.0, scale=2.0)
+  scale, bias = _rand((4,), 1), _rand((4,), 2)
+  ours, theirs, kwargs = {
+      'batch': (norms.BatchNorm(), nn.BatchNorm(epsilon=EPS), {'use_running_average': False}),
+      'layer': (norms.LayerNorm(), nn.LayerNorm(epsilon=EPS, reduction_axes=(1, 2, 3),
+                                                feature_axes=-1), {}),
+      'instance': (norms.InstanceNorm(), nn.InstanceNorm(epsilon=EPS), {}),
+  }[which]
+  v_ours = _set_affine(ours.init(jax.random.key(0), x, **kwargs), scale, bias)
+  v_theirs = _set_affine(theirs.init(jax.random.key(0), x, **kwargs), scale, bias)
+  (gp1, gx1), (gp2, gx2) = _grads(ours, v_ours, x, **kwargs), _grads(theirs, v_theirs, x,
+                                                                     **kwargs)
+  np.testing.assert_allclose(gx1, gx2, rtol=1e-4, atol=1e-5)
+  for key in ('scale', 'bias'):
+    np.testing.assert_allclose(gp1[key], gp2[key], rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_gradients_match_pytorch_backward():
+  c = 3
+  x = _rand((4, 5, 6, c), loc=-1.0, scale=1.5)
+  w = _rand(x.shape, seed=9)
+  layer = norms.BatchNorm(use_running_average=False)
+  variables = layer.init(jax.random.key(0), x)
+
+  def f(params, x):
+    y, _ = layer.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(y * y * w)
+
+  gp, gx = jax.grad(f, argnums=(0, 1))(variables['params'], jnp.asarray(x))
+  bn = torch.nn.BatchNorm2d(c, eps=EPS)
+  xt = _to_torch(x).requires_grad_(True)
+  yt = bn(xt)
+  (yt * yt * _to_torch(w)).sum().backward()
+  np.testing.assert_allclose(gx, _from_torch(xt.grad), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp['scale'], bn.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp['bias'], bn.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_devices', [4])
+def test_batchnorm_gradients_under_shard_map_equal_global_batch(num_devices):
+  x = _rand((num_devices * 2, 4, 4, 3), loc=0.5, scale=2.0)
+  w = jnp.asarray(_rand(x.shape, seed=5))
+  plain = norms.BatchNorm(use_running_average=False)
+  mapped = norms.BatchNorm(use_running_average=False, axis_name='batch')
+  variables = plain.init(jax.random.key(0), x)
+
+  def loss(layer, params, xs, ws):
+    y, _ = layer.apply({**variables, 'params': params}, xs, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(y) * ws)
+
+  g_ref = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(
+      variables['params'], jnp.asarray(x), w)
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), ('batch',))
+
+  def local(params, xs, ws):
+    gp, gx = jax.grad(functools.partial(loss, mapped), argnums=(0, 1))(params, xs, ws)
+    return jax.lax.psum(gp, 'batch'), gx
+
+  gp, gx = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('batch'), P('batch')),
+                                 out_specs=(P(), P('batch')), check_vma=False))(
+                                     variables['params'], x, w)
+  np.testing.assert_allclose(gx, g_ref[1], rtol=1e-4, atol=1e-5)
+  for key in ('scale', 'bias'):
+    np.testing.assert_allclose(gp[key], g_ref[0][key], rtol=1e-4, atol=1e-5)

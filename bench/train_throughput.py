@@ -1,0 +1,226 @@
+"""Training throughput (images/s) of the lvseg_jax train step against the PyTorch reference.
+
+Every configuration times, interleaved in one process (so machine load hits all of them
+alike), one step after another:
+  * `jax-before`: the library's real train step (`lvseg_jax.train.make_train_step`) with the
+    model code as first committed (`bench/baseline/models.py`, `norms.py`);
+  * `jax-after`:  the same train step with the current `lvseg_jax.models`;
+  * `torch`:      the same U-Net in PyTorch eager (`bench/torch_unet.py`), Adam, same loss.
+
+Reported: the median (or `--stat=min`) step time over `--iters` steps, as images/s, and the JAX / PyTorch
+throughput ratio. Augmentation is off by default (`--augment` turns it on: it runs inside the
+JAX step, so it is then charged to JAX only).
+
+  python bench/train_throughput.py                                   # everything, ~15 min
+  python bench/train_throughput.py --models unet_bn --sizes 128 --widths 16 --iters 5
+  python bench/train_throughput.py --jax after --dtype bfloat16      # bf16 activations
+
+XLA flags: the library's CPU defaults (`lvseg_jax.runtime.configure_xla_cpu`) are applied
+unless `--no-library-flags`; `--xla-flags='...'` appends more (both before JAX starts).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+MODEL_NAMES = ('unet', 'unet_bn', 'lnu', 'ibu')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--models', default=','.join(MODEL_NAMES))
+  p.add_argument('--sizes', default='128,256')
+  p.add_argument('--widths', default='16,32')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--depth', type=int, default=4)
+  p.add_argument('--iters', type=int, default=8, help='timed steps per implementation')
+  p.add_argument('--iters-256', type=int, default=3, help='timed steps at sizes >= 256')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--stat', default='median', choices=('median', 'min'),
+                 help='step time statistic (min is the least load-sensitive)')
+  p.add_argument('--jax', default='before,after', help='which JAX model code: before,after')
+  p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--torch-threads', type=int, default=0, help='0: PyTorch default')
+  p.add_argument('--channels-last', action='store_true', help='PyTorch channels_last')
+  p.add_argument('--dtype', default='float32', help='JAX activation dtype (float32|bfloat16)')
+  p.add_argument('--augment', action='store_true', help='augmentation inside the JAX step')
+  p.add_argument('--no-library-flags', action='store_true',
+                 help='do not apply lvseg_jax.runtime.configure_xla_cpu()')
+  p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
+  p.add_argument('--json', default='', help='write the results here')
+  return p.parse_args(argv)
+
+
+def setup_xla(args):
+  """XLA flags must be in the environment before JAX initializes its CPU client."""
+  if not args.no_library_flags:
+    try:
+      from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      runtime = None
+    if runtime is not None:
+      runtime.configure_xla_cpu()
+  if args.xla_flags:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
+
+
+def model_config(name, width, depth, dtype='float32'):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.name = 'unet' if name.startswith('unet') else name
+  config.model.norm = 'batch' if name == 'unet_bn' else 'none'
+  config.model.base_width = width
+  config.model.depth = depth
+  config.model.dtype = dtype
+  return config
+
+
+def make_batch(batch, size, seed=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  r = rng.uniform(0.1, 0.25, (batch, 1, 1)) * size
+  masks = ((yy - size / 2)**2 + (xx - size / 2)**2 < r**2).astype(np.int32)
+  images = (masks[..., None] + rng.normal(0, 0.5, (batch, size, size, 1))).astype(np.float32)
+  return images, masks
+
+
+def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', augment=False):
+  """Returns run() -> loss (a jax.Array), one library train step per call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvseg_jax import train  # pylint: disable=g-import-not-at-top
+  if impl == 'before':
+    from bench.baseline import models as models_mod  # pylint: disable=g-import-not-at-top
+  else:
+    from lvseg_jax import models as models_mod  # pylint: disable=g-import-not-at-top
+  config = model_config(name, width, depth, dtype)
+  config.data.image_size = size
+  config.train.batch_size = batch
+  config.augment.enabled = augment
+  model = models_mod.get_model(config.model)
+  total = 1000
+  state = train.create_train_state(config, model, jax.random.key(0), total)
+  schedule = train.learning_rate_schedule(config.train, total)
+  mesh = train.make_mesh(jax.devices()[:1])
+  step = train.make_train_step(config, mesh, schedule)
+  images, masks = make_batch(batch, size)
+  device_batch = {'image': jax.device_put(images), 'mask': jax.device_put(masks),
+                  'valid': jax.device_put(np.ones((batch,), bool))}
+  key = jax.random.key(1)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], device_batch, key)
+    return metrics['loss']
+
+  return run
+
+
+def build_torch_step(name, width, size, batch, depth=4, channels_last=False):
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torch_unet.UNet(torch_unet.block_norms_for(name, depth), width, depth)
+  step = torch_unet.make_train_step(model, channels_last=channels_last)
+  images, masks = make_batch(batch, size)
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(masks).long()
+  return lambda: step(x, y)
+
+
+def timed(fn, sync):
+  t0 = time.perf_counter()
+  out = fn()
+  sync(out)
+  return time.perf_counter() - t0
+
+
+def environment():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+    cpu = next(l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name'))
+    flags = next(l for l in info.splitlines() if l.startswith('flags')).split()
+    isa = sorted(f for f in flags if f.startswith(('avx512', 'amx')))
+  except (OSError, StopIteration):
+    isa = []
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'isa': isa, 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'torch': torch.__version__,
+          'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'loadavg_start': os.getloadavg()}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  setup_xla(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  env = environment()
+  print(json.dumps(env))
+  impls = [i for i in args.jax.split(',') if i]
+  results = []
+  header = (f"{'model':8} {'size':>4} {'width':>5} " +
+            ' '.join(f'{"jax-" + i:>11}' for i in impls) +
+            ('' if args.no_torch else f" {'torch':>8} " +
+             ' '.join(f'{"ratio-" + i:>12}' for i in impls)) + '   (images/s)')
+  print(header, flush=True)
+  for size in [int(s) for s in args.sizes.split(',')]:
+    iters = args.iters if size < 256 else args.iters_256
+    for width in [int(w) for w in args.widths.split(',')]:
+      for name in args.models.split(','):
+        runners = {}
+        for impl in impls:
+          runners['jax-' + impl] = (build_jax_step(impl, name, width, size, args.batch,
+                                                   args.depth, args.dtype, args.augment),
+                                    jax.block_until_ready)
+        if not args.no_torch:
+          runners['torch'] = (build_torch_step(name, width, size, args.batch, args.depth,
+                                               args.channels_last), lambda out: None)
+        compile_s = {}
+        for label, (fn, sync) in runners.items():
+          compile_s[label] = timed(fn, sync)          # first call: jit compile (+ step)
+          for _ in range(args.warmup - 1):
+            timed(fn, sync)
+        times = {label: [] for label in runners}
+        for _ in range(iters):                         # interleaved: load hits all alike
+          for label, (fn, sync) in runners.items():
+            times[label].append(timed(fn, sync))
+        stat = min if args.stat == 'min' else statistics.median
+        ips = {label: args.batch / stat(t) for label, t in times.items()}
+        row = dict(model=name, size=size, width=width, batch=args.batch, iters=iters,
+                   stat=args.stat,
+                   dtype=args.dtype, augment=args.augment, images_per_s=ips,
+                   step_ms={k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
+                   first_call_s=compile_s, loadavg=os.getloadavg())
+        if 'torch' in ips:
+          row['ratio'] = {k: ips[k] / ips['torch'] for k in ips if k != 'torch'}
+        results.append(row)
+        line = f'{name:8} {size:4d} {width:5d} ' + ' '.join(
+            f"{ips['jax-' + i]:11.2f}" for i in impls)
+        if 'torch' in ips:
+          line += f" {ips['torch']:8.2f} " + ' '.join(
+              f"{row['ratio']['jax-' + i]:12.2f}" for i in impls)
+        print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'env': env, 'args': vars(args), 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
