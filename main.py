@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lvseg_jax import runtime
+
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -31,6 +33,8 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # XLA reads its flags when JAX creates its backends: before anything below runs JAX.
+  runtime.configure_xla_cpu()
   config = FLAGS.config
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()
