@@ -1,14 +1,15 @@
 """Augmentation throughput: lvseg_jax.augment vs SciPy, elasticdeform and batchgenerators.
 
 Usage (from the repository root):
-  python bench/augment.py                      # 256 and 128, batch 32, 7 interleaved rounds
+  python bench/augment.py                      # 256 and 128, batch 32, 7 rounds x 10 batches
   python bench/augment.py --sizes=128 --rounds=3 --json=/tmp/augment.json
 
 Every method does the same work per image: a random rotation (+-15 deg) and scale, an elastic
 deformation with the default config's alpha/sigma (scaled with the image size), linear
 interpolation of the image and nearest-neighbour interpolation of the mask. Methods are run
-interleaved, round after round, so a shared, busy machine slows all of them alike; the report
-gives the median time per batch and the median of the per-round ratios.
+interleaved, round after round (each round runs `--inner` consecutive batches per method), so a
+shared, busy machine slows all of them alike; the report gives the median time per batch, the
+median of the per-round ratios and the time of each round's first call on its own.
 Baselines: `pip install -r requirements-bench.txt` (missing ones are reported and skipped).
 """
 
@@ -182,17 +183,25 @@ def _field_fns(size: int, batch: int, config) -> dict[str, Callable]:
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int,
-                 ) -> dict[str, list[float]]:
-  """Seconds per call of each fn, `rounds` rounds, fns interleaved within each round."""
+                 first_calls: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+  """Seconds per call of each fn, `rounds` rounds, fns interleaved within each round.
+
+  Each round calls each fn `inner` times in a row and records the mean: sustained
+  throughput. If `first_calls` is given, it also gets each round's first call alone.
+  """
   for fn in fns.values():  # warm up / compile
     fn()
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
       t0 = time.perf_counter()
-      for _ in range(inner):
+      fn()
+      t1 = time.perf_counter()
+      for _ in range(inner - 1):
         fn()
       times[name].append((time.perf_counter() - t0) / inner)
+      if first_calls is not None:
+        first_calls.setdefault(name, []).append(t1 - t0)
   return times
 
 
@@ -221,10 +230,10 @@ def _cpu_model() -> str:
   return platform.processor()
 
 
-def run(sizes: list[int], batch: int, rounds: int) -> dict:
+def run(sizes: list[int], batch: int, rounds: int, inner: int = 10) -> dict:
   results = {'date': datetime.date.today().isoformat(), 'cpu': _cpu_model(),
              'cores': os.cpu_count(), 'devices': [str(d) for d in jax.devices()],
-             'versions': _versions(), 'batch': batch, 'rounds': rounds,
+             'versions': _versions(), 'batch': batch, 'rounds': rounds, 'inner': inner,
              'loadavg_before': os.getloadavg(), 'sizes': {}}
   config = _bench_config()
   for size in sizes:
@@ -253,13 +262,17 @@ def run(sizes: list[int], batch: int, rounds: int) -> dict:
       fns['batchgenerators SpatialTransform'] = lambda: bg(images, masks, rng)
     except Exception as e:  # pylint: disable=broad-except
       skipped['batchgenerators SpatialTransform'] = repr(e)
-    times = _interleaved(fns, rounds, inner=1)
+    first = {}
+    times = _interleaved(fns, rounds, inner=inner, first_calls=first)
     ref = 'lvseg_jax (jit, coarse elastic)'
     table = {}
     for name, ts in times.items():
       med = float(np.median(ts))
       table[name] = {'ms_per_batch': 1e3 * med, 'images_per_s': batch / med,
                      'best_ms': 1e3 * min(ts),
+                     # The round's first call, after the other methods ran: on this VM XLA's
+                     # second worker thread has gone idle by then and is slow to wake.
+                     'first_call_ms': 1e3 * float(np.median(first[name])),
                      # Ratio per round (same load), then the median over rounds.
                      'speedup_of_ours': float(np.median(np.asarray(ts) / np.asarray(times[ref]))),
                      # Best against best: the least disturbed run of each.
@@ -293,16 +306,18 @@ def _print(results: dict) -> None:
   print(f"{results['date']}  {results['cpu']}  ({results['cores']} cores)  "
         f"devices={results['devices']}")
   print('versions:', ', '.join(f'{k} {v}' for k, v in results['versions'].items()))
-  print(f"batch {results['batch']}, {results['rounds']} interleaved rounds, load average "
+  print(f"batch {results['batch']}, {results['rounds']} interleaved rounds of "
+        f"{results.get('inner', 1)} consecutive batches per method, load average "
         f"before {results['loadavg_before'][0]:.1f} / after {results['loadavg_after'][0]:.1f}")
   for size, r in results['sizes'].items():
     print(f'\n{size}x{size}  (elastic std {r["elastic_std_px"]:.2f} px, sigma '
           f'{r["elastic_sigma_px"]:.1f} px; elasticdeform points={r["elasticdeform_points"]})')
     print(f'  {"method":36s} {"ms/batch":>9s} {"img/s":>7s} {"best ms":>8s} '
-          f'{"ours x faster (median / best)":>30s}')
+          f'{"ours x faster (median / best)":>30s} {"1st call ms":>12s}')
     for name, m in r['methods'].items():
       print(f'  {name:36s} {m["ms_per_batch"]:9.1f} {m["images_per_s"]:7.0f} '
-            f'{m["best_ms"]:8.1f} {m["speedup_of_ours"]:19.2f} / {m["speedup_of_ours_best"]:.2f}')
+            f'{m["best_ms"]:8.1f} {m["speedup_of_ours"]:19.2f} / {m["speedup_of_ours_best"]:<8.2f} '
+            f'{m.get("first_call_ms", float("nan")):10.1f}')
     for name, why in r['skipped'].items():
       print(f'  {name:40s} skipped: {why}')
     print('  elastic field only (ms/batch):')
@@ -320,9 +335,13 @@ def main() -> None:
   parser.add_argument('--sizes', default='256,128')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--inner', type=int, default=10,
+                      help='consecutive batches per method and round: sustained throughput '
+                           '(the first call of each round is also reported on its own)')
   parser.add_argument('--json', default='', help='also write the results here')
   args = parser.parse_args()
-  results = run([int(s) for s in args.sizes.split(',')], args.batch, args.rounds)
+  results = run([int(s) for s in args.sizes.split(',')], args.batch, args.rounds,
+                args.inner)
   _print(results)
   if args.json:
     with open(args.json, 'w') as f:

@@ -1,7 +1,8 @@
 """Where the time of one lvseg_jax train step goes on CPU.
 
 1. Phases: forward (train mode), forward + backward (value_and_grad of the library loss) and
-   the full library train step (Adam update included), timed interleaved.
+   the full library train step (Adam update included), and the same three for the PyTorch
+   reference (`bench/torch_unet.py`; `--no-torch` skips them), all timed interleaved.
 2. Per HLO operation: a `jax.profiler` trace of a few compiled steps, each XLA thunk's time
    summed over the threads and attributed to a kind (3x3 conv forward / input-grad / weight-
    grad, transposed conv, pooling, normalization + elementwise fusions, ...) by reading the
@@ -40,9 +41,11 @@ def parse_args(argv=None):
   p.add_argument('--iters', type=int, default=5, help='timed repetitions per phase')
   p.add_argument('--trace-steps', type=int, default=3)
   p.add_argument('--top', type=int, default=20, help='print the N most expensive thunks')
+  p.add_argument('--top-layers', type=int, default=40, help='print the N most expensive layers')
   p.add_argument('--no-library-flags', action='store_true')
   p.add_argument('--xla-flags', default='')
   p.add_argument('--no-trace', action='store_true')
+  p.add_argument('--no-torch', action='store_true', help='skip the PyTorch phases')
   return p.parse_args(argv)
 
 
@@ -154,22 +157,54 @@ def phase_timings(args):
   step = tt.build_jax_step(args.impl, args.model, args.width, args.size, args.batch,
                            args.depth, args.dtype)
   params = variables['params']
-  phases = {'forward (train mode)': lambda: fwd(params),
-            'forward + backward': lambda: fwd_bwd(params),
-            'full train step (library)': step}
-  for fn in phases.values():
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
+  sync = jax.block_until_ready
+  phases = {'jax forward (train mode)': (lambda: fwd(params), sync),
+            'jax forward + backward': (lambda: fwd_bwd(params), sync),
+            'jax full train step (library)': (step, sync)}
+  if not args.no_torch:
+    phases.update(torch_phases(args, images, masks))
+  for fn, fn_sync in phases.values():
+    fn_sync(fn())
+    fn_sync(fn())
   times = collections.defaultdict(list)
   for _ in range(args.iters):
-    for label, fn in phases.items():
-      times[label].append(tt.timed(fn, jax.block_until_ready))
+    for label, (fn, fn_sync) in phases.items():
+      times[label].append(tt.timed(fn, fn_sync))
   print(f'\n== phases ({args.impl}, {args.model}, {args.size}x{args.size}, width '
-        f'{args.width}, batch {args.batch}; median of {args.iters}) ==')
+        f'{args.width}, batch {args.batch}; median of {args.iters}, interleaved) ==')
   for label, t in times.items():
     med = statistics.median(t)
-    print(f'  {label:28} {1e3 * med:9.1f} ms   {args.batch / med:7.2f} images/s')
+    print(f'  {label:34} {1e3 * med:9.1f} ms   {args.batch / med:7.2f} images/s')
   return step
+
+
+def torch_phases(args, images, masks):
+  """The same phases for the PyTorch reference (`bench/torch_unet.py`), train mode."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torch_unet.UNet(torch_unet.block_norms_for(args.model, args.depth), args.width,
+                          args.depth)
+  model.train()
+  x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(np.array(masks)).long()
+
+  def forward():
+    with torch.no_grad():
+      return model(x)
+
+  def forward_backward():
+    model.zero_grad(set_to_none=True)
+    loss, _ = torch_unet.dice_ce_loss(model(x), y)
+    loss.backward()
+    return loss
+
+  step = tt.build_torch_step(args.model, args.width, args.size, args.batch, args.depth)
+  no_sync = lambda out: None  # PyTorch CPU ops are synchronous
+  return {'torch forward (train mode)': (forward, no_sync),
+          'torch forward + backward': (forward_backward, no_sync),
+          'torch full train step (Adam)': (step, no_sync)}
 
 
 # ----------------------------------------------------------------------------- trace
@@ -199,6 +234,42 @@ def trace_step(args, run):
   return per_op
 
 
+def layer_of(op_name):
+  """'fwd down0/norm0'-style label from an HLO op_name like
+  'jit(train_step)/transpose(jvp(UNet))/down0/norm0/mul'."""
+  if not op_name:
+    return 'other'
+  direction = 'bwd' if 'transpose(' in op_name else 'fwd'
+  if 'UNet)' not in op_name:
+    return f'{direction} loss / optimizer / other'
+  path = re.sub(r'^[^/]*', '', op_name.split('UNet)', 1)[1]).strip('/').split('/')
+  parts = [p for p in path if re.match(r'^[a-z_]+\d*$', p)][:2]
+  if len(parts) == 2 and not re.match(r'^(conv|norm|upconv|head|down|up|bottleneck)\d*$',
+                                      parts[1]):
+    parts = parts[:1]
+  layer = '/'.join(parts) or 'UNet (top level)'
+  return f'{direction} {layer}'
+
+
+def layers(hlo_text):
+  """Maps each instruction name to the model layer its metadata names."""
+  out, users = {}, collections.defaultdict(list)
+  for instrs in _computations(hlo_text).values():
+    for name, _, _, rest in instrs:
+      m = re.search(r'op_name="([^"]*)"', rest)
+      if m:
+        out.setdefault(name, layer_of(m.group(1)))
+      for operand in re.findall(r'%([\w.\-]+)', rest.split('metadata=')[0]):
+        users[operand].append(name)
+  # Layout copies XLA inserts carry no metadata: charge them to the layer that consumes them.
+  for instrs in _computations(hlo_text).values():
+    for name, _, _, _ in instrs:
+      if name not in out:
+        consumer = next((u for u in users.get(name, []) if u in out), None)
+        out[name] = out[consumer] + ' (layout copy)' if consumer else 'other'
+  return out
+
+
 def report_trace(args, per_op, hlo_text):
   kinds = classify(hlo_text)
   total = sum(per_op.values())
@@ -210,6 +281,15 @@ def report_trace(args, per_op, hlo_text):
   for kind, ns in by_kind.most_common():
     print(f'  {kind:52} {ns / n / 1e6:9.1f} ms  {100 * ns / total:5.1f}%')
   print(f'  {"total":52} {total / n / 1e6:9.1f} ms')
+  print('  (compare with the step time above: with the library default flag the 3x3 '
+        'convolutions run in Eigen\'s thread pool and are not traced as thunks)')
+  by_layer = collections.Counter()
+  where = layers(hlo_text)
+  for name, ns in per_op.items():
+    by_layer[where.get(name, 'other')] += ns
+  print(f'\n== thunk time by model layer (fwd / bwd = backward pass), per step ==')
+  for layer, ns in sorted(by_layer.items(), key=lambda kv: -kv[1])[:args.top_layers]:
+    print(f'  {layer:52} {ns / n / 1e6:9.1f} ms  {100 * ns / total:5.1f}%')
   print(f'\n== top {args.top} thunks ==')
   shapes = {}
   for instrs in _computations(hlo_text).values():
