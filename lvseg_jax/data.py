@@ -1548,8 +1548,3 @@ def write_split(workdir: str, data_config: Any, split: dict[str, list[str]], tra
     json.dump(record, f, indent=2)
   return path
 
-
-# Names used by callers written against the first draft of this module.
-_dicom_files = list_dicom_files
-_expert_dir = expert_contour_dir
-_read_png = read_png

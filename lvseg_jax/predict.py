@@ -338,7 +338,7 @@ def _series_uids(paths: Sequence[str]) -> collections.Counter:
 
 def check_single_series(folder: str) -> None:
   """Raises PredictError if the DICOM files of `folder` belong to more than one series."""
-  paths = data_lib._dicom_files(folder)  # pylint: disable=protected-access
+  paths = data_lib.list_dicom_files(folder)
   uids = _series_uids(paths)
   if len(uids) > 1:
     listing = ', '.join(f'{uid} ({n} files)' for uid, n in uids.most_common())
@@ -377,7 +377,7 @@ def _expert_dir_for(case: str, contour_dir: str) -> str | None:
     return None
   if any(contours_lib.parse_contour_filename(n) for n in os.listdir(contour_dir)):
     return contour_dir
-  return data_lib._expert_dir(contour_dir, case)  # pylint: disable=protected-access
+  return data_lib.expert_contour_dir(contour_dir, case)
 
 
 def attach_expert_contours(frames: Sequence[data_lib.Frame], expert_dir: str,
@@ -447,7 +447,7 @@ def _load_plain_pngs(folder: str, names: Sequence[str], config: ml_collections.C
     case, frame_id, instance = parsed if parsed else (
         os.path.basename(os.path.normpath(folder)), f'IM-0001-{ordinal:04d}', ordinal)
     try:
-      image = data_lib._read_png(path)  # pylint: disable=protected-access
+      image = data_lib.read_png(path)
     except data_lib.DataError as e:
       report.problem(e.path, e.problem)
       continue

@@ -57,7 +57,6 @@ def per_sample_losses(logits: jax.Array, masks: jax.Array,
   Returns:
     ce (N,), soft_dice_loss = 1 - soft Dice (N,), hard Dice of the argmax (N,).
   """
-  num_classes = logits.shape[-1]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, masks).mean(axis=(1, 2))
   probs = jax.nn.softmax(logits, axis=-1)
   fg_prob = 1.0 - probs[..., 0]
@@ -68,7 +67,6 @@ def per_sample_losses(logits: jax.Array, masks: jax.Array,
   hard_inter = jnp.sum(fg_pred * fg_true, axis=(1, 2))
   denom = fg_pred.sum(axis=(1, 2)) + fg_true.sum(axis=(1, 2))
   hard = jnp.where(denom > 0, 2.0 * hard_inter / jnp.maximum(denom, 1.0), 1.0)
-  del num_classes
   return ce, 1.0 - soft, hard
 
 
