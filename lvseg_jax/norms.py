@@ -13,10 +13,10 @@ BatchNorm state convention (documented in the README and tested against PyTorch)
     the running statistics match `torch.nn.BatchNorm2d` update for update.
   * Normalization in training mode always uses the biased batch variance (both frameworks).
 
-Speed: every normalization runs through `_normalize`, which computes exactly the formulas of
-`_moments` and `(x - mean) * rsqrt(var + epsilon) * scale + bias` but has a hand-written VJP:
-the chain rule of those same formulas, organized as the usual two per-channel reductions and
-one elementwise pass. Differentiating the formulas directly makes XLA's CPU backend emit
+Speed: every normalization in training mode runs through `_normalize`, which computes exactly
+mean = E[x], var = max(E[x^2] - mean^2, 0) and `(x - mean) * rsqrt(var + epsilon) * scale +
+bias` but has a hand-written VJP: the chain rule of those same formulas, organized as the usual
+two per-channel reductions and one elementwise pass. Differentiating the formulas directly makes XLA's CPU backend emit
 several extra full-size passes per layer (about 5x slower for a 128x128x16 BatchNorm + ReLU).
 """
 
@@ -52,14 +52,6 @@ def _count(x: Array, axes: Sequence[int], axis_name: str | None = None) -> Array
   return count
 
 
-def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None,
-             ) -> tuple[Array, Array, Array]:
-  """Float32 mean, biased variance and element count over `axes` (and devices)."""
-  mean, mean_sq = _mean_and_mean_sq(x, axes, axis_name)
-  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-  return mean, var, _count(x, axes, axis_name)
-
-
 def _sum(x: Array, axes: Sequence[int], axis_name: str | None) -> Array:
   """Sum over `axes` (keepdims), and over the devices of `axis_name` when given."""
   total = jnp.sum(x, axis=tuple(axes), keepdims=True)
@@ -72,8 +64,8 @@ def _normalize(x: Array, scale: Array | None, bias: Array | None, axes: tuple[in
   """`((x - mean) * rsqrt(var + epsilon)) * scale + bias` with the moments over `axes`.
 
   Returns the output (in x's dtype) and the float32 mean and biased variance (keepdims).
-  `scale` / `bias` are per last-axis channel, or None for none. Same values as `_moments`
-  followed by the affine; the custom VJP below is the exact chain rule of these formulas.
+  `scale` / `bias` are per last-axis channel, or None for none. The custom VJP below is the
+  exact chain rule of these formulas.
   """
   return _normalize_fwd(x, scale, bias, axes, axis_name, epsilon)[0]
 
@@ -150,10 +142,11 @@ def _affine_params(module: nn.Module, features: int, use_scale: bool, use_bias: 
 def _affine(module: nn.Module, y: Array, features: int, use_scale: bool, use_bias: bool,
             param_dtype) -> Array:
   """Per-channel learnable scale and bias on the last axis."""
-  if use_scale:
-    y = y * module.param('scale', nn.initializers.ones, (features,), param_dtype)
-  if use_bias:
-    y = y + module.param('bias', nn.initializers.zeros, (features,), param_dtype)
+  scale, bias = _affine_params(module, features, use_scale, use_bias, param_dtype)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
   return y
 
 
