@@ -598,14 +598,14 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
 # Output
 
 
-def _jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
   """Plain JSON types; NaN/inf become null (strict JSON has no NaN)."""
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [to_jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return to_jsonable(x.tolist())
   if isinstance(x, (bool, np.bool_)):
     return bool(x)
   if isinstance(x, (int, np.integer)):
@@ -674,7 +674,7 @@ def write_results(results: dict[str, Any], workdir: str, name: str) -> dict[str,
     {'json': path, 'markdown': path}.
   """
   os.makedirs(workdir, exist_ok=True)
-  clean = _jsonable(results)
+  clean = to_jsonable(results)
   json_path = os.path.join(workdir, f'{name}.json')
   md_path = os.path.join(workdir, f'{name}.md')
   with open(json_path, 'w') as f:

@@ -863,22 +863,6 @@ def _write_csv(path: str, columns: Sequence[str], rows: Iterable[dict[str, Any]]
       writer.writerow([_fmt(row.get(c)) for c in columns])
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return _finite_or_none(float(x))
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, np.bool_):
-    return bool(x)
-  return x
-
-
 def series_row(summary: dict[str, Any]) -> dict[str, Any]:
   """One line of the top-level summary.csv."""
   volumes = summary.get('volumes') or {}
@@ -966,7 +950,7 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction], outp
              for k, v in outputs.items()}
   summary['outputs'] = outputs
   with open(os.path.join(folder, 'summary.json'), 'w') as f:
-    json.dump(_jsonable(summary), f, indent=1)
+    json.dump(metrics.to_jsonable(summary), f, indent=1)
   return summary
 
 
@@ -1064,5 +1048,5 @@ def run_series(model, variables: dict[str, Any], series: Sequence[Series],
                series=[{k: v for k, v in s.items() if k not in ('frames', 'areas_mm2')}
                        for s in summaries])
   with open(os.path.join(output, 'summary.json'), 'w') as f:
-    json.dump(_jsonable(index), f, indent=1)
+    json.dump(metrics.to_jsonable(index), f, indent=1)
   return summaries
