@@ -1,5 +1,6 @@
 """Test setup: 8 forced host CPU devices (before JAX is imported) and the data location."""
 
+import functools
 import os
 import sys
 
@@ -26,3 +27,26 @@ def data_root() -> str:
       pytest.fail(message)
     pytest.skip(message)
   return os.path.abspath(DATA_ROOT)
+
+
+def make_tiny_config(data_root: str, tmp_path, **train_overrides):
+  """The smoke config shrunk to seconds on the real data (32 px, width 4, depth 2, 1 device),
+  with its npz cache under `tmp_path` and `config.train` fields overridden by keyword."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.data.root = data_root
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.image_size = 32
+  config.model.base_width = 4
+  config.model.depth = 2
+  config.eval.batch_size = 64
+  config.train.num_devices = 1
+  for key, value in train_overrides.items():
+    setattr(config.train, key, value)
+  return config
+
+
+@pytest.fixture(scope='session')
+def tiny_config(data_root):
+  """`tiny_config(tmp_path, **train_overrides)`: see `make_tiny_config`."""
+  return functools.partial(make_tiny_config, data_root)

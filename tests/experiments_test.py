@@ -9,26 +9,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from configs import smoke
 from lvseg_jax import experiments
 from lvseg_jax import metrics
 from lvseg_jax import train
-
-
-def _tiny_config(data_root, tmp_path):
-  config = smoke.get_config()
-  config.data.root = data_root
-  config.data.cache_dir = str(tmp_path / 'cache')
-  config.data.image_size = 32
-  config.model.base_width = 4
-  config.model.depth = 2
-  config.eval.batch_size = 64
-  config.train.num_devices = 1
-  config.train.num_steps = 2
-  config.train.checkpoint_every_steps = 100
-  config.train.num_overlays = 1
-  config.lock()  # as ablate.py's config_flags gives it
-  return config
 
 
 # ----------------------------------------------------------------------------- cells
@@ -260,8 +243,9 @@ def test_run_grid_checks_every_cell_before_training(tmp_path, monkeypatch):
   assert not calls
 
 
-def test_run_grid_on_real_data_trains_reports_then_skips(data_root, tmp_path, monkeypatch):
-  base = _tiny_config(data_root, tmp_path)
+def test_run_grid_on_real_data_trains_reports_then_skips(tiny_config, tmp_path, monkeypatch):
+  base = tiny_config(tmp_path, num_steps=2, checkpoint_every_steps=100, num_overlays=1)
+  base.lock()  # as ablate.py's config_flags gives it
   grid = {'model.name': ['unet', 'ibu']}
   workdir = str(tmp_path / 'ablation')
   cells = experiments.run_grid(base, grid, workdir)

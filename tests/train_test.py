@@ -9,23 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import smoke
 from lvseg_jax import checkpointing
 from lvseg_jax import train
-
-
-def _config(data_root, tmp_path, **train_overrides):
-  config = smoke.get_config()
-  config.data.root = data_root
-  config.data.cache_dir = str(tmp_path / 'cache')
-  config.data.image_size = 32
-  config.model.base_width = 4
-  config.model.depth = 2
-  config.eval.batch_size = 64
-  config.train.num_devices = 1
-  for key, value in train_overrides.items():
-    setattr(config.train, key, value)
-  return config
 
 
 def _latest_params(workdir):
@@ -38,12 +23,12 @@ def _latest_params(workdir):
 
 
 @pytest.fixture(scope='module')
-def trained_run(data_root, tmp_path_factory):
+def trained_run(tiny_config, tmp_path_factory):
   """One smoke training run shared by the tests below (4 steps, then evaluation)."""
   tmp_path = tmp_path_factory.mktemp('run')
   # Data-parallel over 2 devices with the shard_map ('pmap') step, on real batches.
-  config = _config(data_root, tmp_path, num_steps=4, checkpoint_every_steps=2,
-                   num_devices=2, parallel='pmap')
+  config = tiny_config(tmp_path, num_steps=4, checkpoint_every_steps=2,
+                       num_devices=2, parallel='pmap')
   workdir = str(tmp_path / 'work')
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
@@ -82,8 +67,8 @@ def test_evaluate_mode_scores_the_saved_checkpoint(trained_run, data_root):
   assert os.path.exists(os.path.join(workdir, 'eval_latest_validation.md'))
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted_run(data_root, tmp_path):
-  config = _config(data_root, tmp_path, num_steps=5, checkpoint_every_steps=100)
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
+  config = tiny_config(tmp_path, num_steps=5, checkpoint_every_steps=100)
   config.train.eval_every_epochs = 1000
   full = str(tmp_path / 'full')
   train.train_and_evaluate(config, full)
@@ -99,10 +84,10 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_root, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data_root, tmp_path):
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   # Warmup starts at lr 0, so step 1 is harmless and saved; lr 1e30 then blows up.
-  config = _config(data_root, tmp_path, num_steps=6, checkpoint_every_steps=1,
-                   learning_rate=1e30, warmup_steps=1, log_every=1)
+  config = tiny_config(tmp_path, num_steps=6, checkpoint_every_steps=1,
+                       learning_rate=1e30, warmup_steps=1, log_every=1)
   config.augment.enabled = False
   workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
