@@ -32,6 +32,7 @@ import scipy
 import scipy.ndimage as ndi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
 from configs import default  # noqa: E402
 from lvseg_jax import augment  # noqa: E402
 
@@ -219,19 +220,8 @@ def _versions() -> dict[str, str]:
   return out
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def run(sizes: list[int], batch: int, rounds: int, inner: int = 10) -> dict:
-  results = {'date': datetime.date.today().isoformat(), 'cpu': _cpu_model(),
+  results = {'date': datetime.date.today().isoformat(), 'cpu': common.cpu_info()[0],
              'cores': os.cpu_count(), 'devices': [str(d) for d in jax.devices()],
              'versions': _versions(), 'batch': batch, 'rounds': rounds, 'inner': inner,
              'loadavg_before': os.getloadavg(), 'sizes': {}}

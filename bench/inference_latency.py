@@ -202,16 +202,10 @@ def child_stages(name: str, workdir: str, series_path: str, batch_size: int) -> 
 def environment() -> dict:
   """Machine and versions, without importing JAX (this process must stay small)."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {'date': time.strftime('%Y-%m-%d'), 'cpu': cpu, 'cores': os.cpu_count(),
+  from bench import common  # pylint: disable=g-import-not-at-top
+  return {'date': time.strftime('%Y-%m-%d'), **common.machine(),
           'python': platform.python_version(), 'jax': metadata.version('jax'),
-          'jaxlib': metadata.version('jaxlib'), 'loadavg_start': os.getloadavg(),
-          'xla_flags_env': os.environ.get('XLA_FLAGS', '')}
+          'jaxlib': metadata.version('jaxlib'), 'xla_flags_env': os.environ.get('XLA_FLAGS', '')}
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ unless `--no-library-flags`; `--xla-flags='...'` appends more (both before JAX s
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,12 +61,8 @@ def parse_args(argv=None):
 def setup_xla(args):
   """XLA flags must be in the environment before JAX initializes its CPU client."""
   if not args.no_library_flags:
-    try:
-      from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      runtime = None
-    if runtime is not None:
-      runtime.configure_xla_cpu()
+    from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.configure_xla_cpu()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
 
@@ -149,19 +144,10 @@ def environment():
   import jaxlib  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      info = f.read()
-    cpu = next(l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('model name'))
-    flags = next(l for l in info.splitlines() if l.startswith('flags')).split()
-    isa = sorted(f for f in flags if f.startswith(('avx512', 'amx')))
-  except (OSError, StopIteration):
-    isa = []
-  return {'cpu': cpu, 'cores': os.cpu_count(), 'isa': isa, 'jax': jax.__version__,
+  from bench import common  # pylint: disable=g-import-not-at-top
+  return {**common.machine(), 'jax': jax.__version__,
           'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'torch': torch.__version__,
-          'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'loadavg_start': os.getloadavg()}
+          'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 def main(argv=None):
