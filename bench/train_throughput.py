@@ -14,6 +14,7 @@ JAX step, so it is then charged to JAX only).
   python bench/train_throughput.py                                   # everything, ~15 min
   python bench/train_throughput.py --models unet_bn --sizes 128 --widths 16 --iters 5
   python bench/train_throughput.py --jax after --dtype bfloat16      # bf16 activations
+  python bench/train_throughput.py --jax after --torch-formats nchw,channels_last
 
 XLA flags: the library's CPU defaults (`lvseg_jax.runtime.configure_xla_cpu`) are applied
 unless `--no-library-flags`; `--xla-flags='...'` appends more (both before JAX starts).
@@ -31,6 +32,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 MODEL_NAMES = ('unet', 'unet_bn', 'lnu', 'ibu')
+TORCH_LABELS = {'nchw': 'torch', 'channels_last': 'torch-cl'}
 
 
 def parse_args(argv=None):
@@ -48,7 +50,11 @@ def parse_args(argv=None):
   p.add_argument('--jax', default='before,after', help='which JAX model code: before,after')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--torch-threads', type=int, default=0, help='0: PyTorch default')
-  p.add_argument('--channels-last', action='store_true', help='PyTorch channels_last')
+  p.add_argument('--torch-formats', default='nchw',
+                 help="PyTorch memory formats to time side by side: nchw (PyTorch's default) "
+                      'and/or channels_last (NHWC, oneDNN\'s fast path on CPU)')
+  p.add_argument('--channels-last', action='store_true',
+                 help='same as --torch-formats=channels_last')
   p.add_argument('--dtype', default='float32', help='JAX activation dtype (float32|bfloat16)')
   p.add_argument('--augment', action='store_true', help='augmentation inside the JAX step')
   p.add_argument('--no-library-flags', action='store_true',
@@ -160,11 +166,20 @@ def main(argv=None):
   env = environment()
   print(json.dumps(env))
   impls = [i for i in args.jax.split(',') if i]
+  formats = ['channels_last'] if args.channels_last else [
+      f for f in args.torch_formats.split(',') if f]
+  if args.no_torch:
+    formats = []
+  unknown = [f for f in formats if f not in TORCH_LABELS]
+  if unknown:
+    raise SystemExit(f'--torch-formats: unknown {unknown}; choose from {list(TORCH_LABELS)}.')
+  torch_labels = {f: TORCH_LABELS[f] for f in formats}
   results = []
   header = (f"{'model':8} {'size':>4} {'width':>5} " +
             ' '.join(f'{"jax-" + i:>11}' for i in impls) +
-            ('' if args.no_torch else f" {'torch':>8} " +
-             ' '.join(f'{"ratio-" + i:>12}' for i in impls)) + '   (images/s)')
+            ''.join(f' {label:>8}' for label in torch_labels.values()) + ' ' +
+            ' '.join(f'{"jax-" + i + "/" + label:>20}' for label in torch_labels.values()
+                     for i in impls) + '   (images/s)')
   print(header, flush=True)
   for size in [int(s) for s in args.sizes.split(',')]:
     iters = args.iters if size < 256 else args.iters_256
@@ -175,9 +190,9 @@ def main(argv=None):
           runners['jax-' + impl] = (build_jax_step(impl, name, width, size, args.batch,
                                                    args.depth, args.dtype, args.augment),
                                     jax.block_until_ready)
-        if not args.no_torch:
-          runners['torch'] = (build_torch_step(name, width, size, args.batch, args.depth,
-                                               args.channels_last), lambda out: None)
+        for fmt, label in torch_labels.items():
+          runners[label] = (build_torch_step(name, width, size, args.batch, args.depth,
+                                             fmt == 'channels_last'), lambda out: None)
         compile_s = {}
         for label, (fn, sync) in runners.items():
           compile_s[label] = timed(fn, sync)          # first call: jit compile (+ step)
@@ -194,14 +209,16 @@ def main(argv=None):
                    dtype=args.dtype, augment=args.augment, images_per_s=ips,
                    step_ms={k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
                    first_call_s=compile_s, loadavg=os.getloadavg())
-        if 'torch' in ips:
-          row['ratio'] = {k: ips[k] / ips['torch'] for k in ips if k != 'torch'}
+        # ratio: JAX / PyTorch NCHW (the default eager model); ratio_cl: / channels_last.
+        for label, key in (('torch', 'ratio'), ('torch-cl', 'ratio_cl')):
+          if label in ips:
+            row[key] = {k: ips[k] / ips[label] for k in ips if k.startswith('jax-')}
         results.append(row)
         line = f'{name:8} {size:4d} {width:5d} ' + ' '.join(
             f"{ips['jax-' + i]:11.2f}" for i in impls)
-        if 'torch' in ips:
-          line += f" {ips['torch']:8.2f} " + ' '.join(
-              f"{row['ratio']['jax-' + i]:12.2f}" for i in impls)
+        line += ''.join(f' {ips[label]:8.2f}' for label in torch_labels.values()) + ' '
+        line += ' '.join(f"{ips['jax-' + i] / ips[label]:20.2f}"
+                         for label in torch_labels.values() for i in impls)
         print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
   if args.json:
     with open(args.json, 'w') as f:
