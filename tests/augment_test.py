@@ -385,6 +385,23 @@ def test_elastic_std_matches_simard_recipe_and_scales_with_size():
       augment.elastic_std(alpha, sigma, ref, ref) / 2)
 
 
+def test_coarse_nodes_are_independent_unit_uniforms():
+  """The 16-bit node pair: zero mean, unit variance, uniform on [-sqrt 3, sqrt 3], uncorrelated."""
+  nodes = np.asarray(augment._uniform_node_pair(jax.random.key(0), (512, 512)), np.float64)
+  assert nodes.shape == (2, 512, 512)
+  limit = math.sqrt(3.0)
+  assert np.mean(nodes) == pytest.approx(0.0, abs=0.01)
+  assert np.var(nodes) == pytest.approx(1.0, rel=0.01)
+  assert -limit <= nodes.min() < -limit + 1e-3 and limit - 1e-3 < nodes.max() <= limit
+  # Uniform: each tenth of the range holds a tenth of the values.
+  counts, _ = np.histogram(nodes, bins=10, range=(-limit, limit))
+  np.testing.assert_allclose(counts / nodes.size, 0.1, atol=0.003)
+  # The two components (two halves of one random word) and neighbouring nodes are uncorrelated.
+  for a, b in [(nodes[0], nodes[1]), (nodes[0, :, 1:], nodes[0, :, :-1]),
+               (nodes[1, 1:], nodes[1, :-1])]:
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+
+
 @pytest.mark.parametrize('method,size', [('coarse', 64), ('coarse', 32), ('conv', 64)])
 def test_elastic_field_statistics(method, size):
   """Both methods give Simard's std and Gaussian covariance, scaled with the image size."""
