@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.end_lr_factor = 0.01         # cosine decays to learning_rate * end_lr_factor
   train.weight_decay = 0.0
   train.grad_clip_norm = 0.0         # 0 disables
+  train.flatten_optimizer = True     # optimizer state as one flat vector (same update, faster)
   train.dice_weight = 1.0
   train.ce_weight = 1.0
   train.parallel = 'jit'             # jit (NamedSharding over a mesh) | pmap (axis_name='batch')

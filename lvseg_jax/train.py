@@ -100,6 +100,10 @@ def get_optimizer(train_cfg: ml_collections.ConfigDict,
                                        train_cfg.weight_decay)
   if train_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), tx)
+  if train_cfg.get('flatten_optimizer', True):
+    # One vector instead of one set of small kernels per parameter leaf: the same update,
+    # ~10 ms (3%) less per 128x128 CPU step, where XLA:CPU pays per kernel (docs/BENCHMARKS.md).
+    tx = optax.flatten(tx)
   return tx
 
 

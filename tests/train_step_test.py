@@ -135,6 +135,33 @@ def test_overfitting_one_batch_drives_the_loss_down():
   assert float(metrics['dice']) > 0.8
 
 
+@pytest.mark.parametrize('optimizer,weight_decay,clip', [('adam', 0.0, 0.0),
+                                                         ('adamw', 1e-2, 0.5),
+                                                         ('sgd', 1e-3, 0.1)])
+def test_flattened_optimizer_gives_the_per_leaf_update(optimizer, weight_decay, clip):
+  """`train.flatten_optimizer` changes how the state is stored, not the parameters it makes."""
+  config = _config('ibu')
+  config.train.optimizer = optimizer
+  config.train.weight_decay = weight_decay
+  config.train.grad_clip_norm = clip
+  config.train.warmup_steps = 2
+  model = models.get_model(config.model)
+  schedule = train.learning_rate_schedule(config.train, 5)
+  mesh = train.make_mesh(jax.devices()[:1])
+  results = {}
+  for flatten in (False, True):
+    config.train.flatten_optimizer = flatten
+    state = train.create_train_state(config, model, jax.random.key(0), 5)
+    step = train.make_train_step(config, mesh, schedule)
+    for seed in range(4):
+      state, _ = step(state, _batch(4, seed=seed), jax.random.key(1))
+    results[flatten] = state
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  assert len(leaves(results[True].opt_state)) < len(leaves(results[False].opt_state))
+  for a, b in zip(leaves(results[False].params), leaves(results[True].params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_parallel_mode_is_a_clear_error():
   config = _config()
   config.train.parallel = 'ddp'
