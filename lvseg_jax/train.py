@@ -300,6 +300,18 @@ def _batch_stream(dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict
     epoch += 1
 
 
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
+  """'section.key: old -> new' for every leaf of two config dicts that differs."""
+  changed = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += _changed_settings(a, b, f'{prefix}{key}.')
+    elif a != b:
+      changed.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return changed
+
+
 def _state_dict(state: TrainState) -> dict[str, Any]:
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
           'opt_state': state.opt_state}
@@ -316,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation results (also written to workdir/eval_<sets>.{json,md}).
   """
   os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+  previous_config_json = None  # a resumed run's own settings, for a mismatch report
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      previous_config_json = f.read()
   checkpointing.save_config(config, workdir)
   train_ds, eval_ds = data_lib.load_datasets(config, workdir)
   devices = jax.devices()
@@ -349,7 +366,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, model, init_key, total_steps)
   schedule = learning_rate_schedule(config.train, total_steps)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  restored = checkpointer.restore_latest(_state_dict(state))
+  try:
+    restored = checkpointer.restore_latest(_state_dict(state))
+  except ValueError as e:  # orbax: the saved tree differs from the one this config builds
+    changed = []
+    if previous_config_json is not None:
+      with open(config_path, 'w') as f:  # the workdir keeps describing its own checkpoints
+        f.write(previous_config_json)
+      changed = _changed_settings(json.loads(previous_config_json),
+                                  json.loads(config.to_json_best_effort()))
+    raise ValueError(
+        f'{workdir}: its latest checkpoint does not match the training state this config '
+        'builds (a changed model, optimizer or train.flatten_optimizer?). Changed since the '
+        f'run started: {"; ".join(changed) or "nothing recorded"}. Resume with the settings '
+        f'in {config_path}, or start a new --workdir. Details: {e}') from e
   if restored is not None:
     state_dict, meta = restored
     state = state.replace(step=state_dict['step'], params=state_dict['params'],

@@ -84,6 +84,24 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path)
     np.testing.assert_array_equal(x, y)
 
 
+def test_resuming_with_a_different_optimizer_layout_is_a_clear_error(tiny_config, tmp_path):
+  config = tiny_config(tmp_path, num_steps=3, checkpoint_every_steps=100, halt_after_steps=1,
+                       flatten_optimizer=False)
+  config.train.eval_every_epochs = 1000
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  config.train.flatten_optimizer = True
+  config.train.halt_after_steps = -1
+  with pytest.raises(ValueError, match='train.flatten_optimizer: False -> True') as error:
+    train.train_and_evaluate(config, workdir)
+  assert workdir in str(error.value)
+  # The workdir still describes its own checkpoints.
+  assert checkpointing.load_config(workdir).train.flatten_optimizer is False
+  config.train.flatten_optimizer = False   # the run's own settings resume it
+  train.train_and_evaluate(config, workdir)
+  assert _latest_params(workdir)[0] == 3
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   # Warmup starts at lr 0, so step 1 is harmless and saved; lr 1e30 then blows up.
   config = tiny_config(tmp_path, num_steps=6, checkpoint_every_steps=1,
