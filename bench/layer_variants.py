@@ -2,6 +2,9 @@
 
 Each JAX variant is jitted; each row's variants and the PyTorch layers run interleaved, one
 call after another, in one process, so machine load hits them alike (median of `--iters`).
+PyTorch's OpenMP (libgomp) threads busy-wait after each call, which slows a JAX call of a few
+milliseconds that follows (docs/BENCHMARKS.md): run with `OMP_WAIT_POLICY=passive`, or
+`--no-torch`, for the JAX columns of the small layers.
 
 * Convolution layout: a 3x3 'SAME' convolution in NHWC (Flax's layout, the library's) and in
   NCHW (PyTorch's), for the layer shapes of a U-Net at `--sizes` and `--widths`: forward,
@@ -14,7 +17,7 @@ call after another, in one process, so machine load hits them alike (median of `
   *different* function (so not a drop-in change to the paper's networks); PyTorch
   `ConvTranspose2d` and `Upsample` + `Conv2d`.
 
-  python bench/layer_variants.py                         # 128, widths 16 and 32, ~3 min
+  python bench/layer_variants.py                         # 128, widths 16 and 32, ~2 min
   python bench/layer_variants.py --sizes 128,256 --json=/tmp/layers.json
 
 The library's XLA CPU defaults (`lvseg_jax.runtime`) apply unless `--no-library-flags`.
@@ -225,8 +228,10 @@ def main(argv=None):
   for size in [int(s) for s in args.sizes.split(',')]:
     for width in [int(w) for w in args.widths.split(',')]:
       if 'layout' in parts:
-        for level, cin, cout in [(size, 1, width), (size, width, width),
-                                 (size, 2 * width, width), (size // 2, 2 * width, 2 * width)]:
+        # The full-resolution layers, then one (c -> c) layer per deeper level of a depth-4 U-Net.
+        shapes = [(size, 1, width), (size, width, width), (size, 2 * width, width)] + [
+            (size // 2**k, width * 2**k, width * 2**k) for k in range(1, 5)]
+        for level, cin, cout in shapes:
           rows = {f'JAX {layout}': (jax_conv_runners(args.batch, level, cin, cout, layout),
                                     _jax_sync) for layout in ('NHWC', 'NCHW')}
           if not args.no_torch:
