@@ -46,9 +46,7 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--parts', default='layout,upsample')
   p.add_argument('--no-torch', action='store_true')
-  p.add_argument('--no-library-flags', action='store_true',
-                 help='do not apply lvseg_jax.runtime.configure_xla_cpu()')
-  p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
+  train_throughput.add_xla_args(p)
   p.add_argument('--json', default='', help='write the results here')
   return p.parse_args(argv)
 

@@ -57,11 +57,16 @@ def parse_args(argv=None):
                  help='same as --torch-formats=channels_last')
   p.add_argument('--dtype', default='float32', help='JAX activation dtype (float32|bfloat16)')
   p.add_argument('--augment', action='store_true', help='augmentation inside the JAX step')
+  add_xla_args(p)
+  p.add_argument('--json', default='', help='write the results here')
+  return p.parse_args(argv)
+
+
+def add_xla_args(p: argparse.ArgumentParser) -> None:
+  """The XLA options `setup_xla` reads, shared by the bench scripts that time JAX steps."""
   p.add_argument('--no-library-flags', action='store_true',
                  help='do not apply lvseg_jax.runtime.configure_xla_cpu()')
   p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
-  p.add_argument('--json', default='', help='write the results here')
-  return p.parse_args(argv)
 
 
 def setup_xla(args):
