@@ -3,8 +3,9 @@
 Every configuration times, interleaved in one process (so machine load hits all of them
 alike), one step after another:
   * `jax-before`: the library's real train step (`lvseg_jax.train.make_train_step`) with the
-    model code as first committed (`bench/baseline/models.py`, `norms.py`);
-  * `jax-after`:  the same train step with the current `lvseg_jax.models`;
+    model code as first committed (`bench/baseline/models.py`, `norms.py`) and the optimizer
+    state per parameter leaf, as it was then;
+  * `jax-after`:  the same train step with the current `lvseg_jax.models` and defaults;
   * `torch`:      the same U-Net in PyTorch eager (`bench/torch_unet.py`), Adam, same loss.
 
 Reported: the median (or `--stat=min`) step time over `--iters` steps, as images/s, and the JAX / PyTorch
@@ -109,6 +110,8 @@ def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', aug
   else:
     from lvseg_jax import models as models_mod  # pylint: disable=g-import-not-at-top
   config = model_config(name, width, depth, dtype)
+  if impl == 'before':
+    config.train.flatten_optimizer = False  # the first version's per-leaf optimizer state
   config.data.image_size = size
   config.train.batch_size = batch
   config.augment.enabled = augment
