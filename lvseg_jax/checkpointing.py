@@ -39,6 +39,22 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
+def flatten_config(config: Any) -> dict[str, Any]:
+  """{'section.field': value} for every leaf of a ConfigDict or nested dict, keys sorted."""
+  flat: dict[str, Any] = {}
+
+  def walk(node: Any, prefix: str) -> None:
+    for key in sorted(node.keys()):
+      value = node[key]
+      if hasattr(value, 'keys'):
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[f'{prefix}{key}'] = value
+
+  walk(config, '')
+  return flat
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The configuration a run in `workdir` was trained with."""
   path = os.path.join(workdir, CONFIG_FILE)

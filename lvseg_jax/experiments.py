@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lvseg_jax import checkpointing
 from lvseg_jax import models
 from lvseg_jax import train as train_lib
 
@@ -313,18 +314,7 @@ class CellResult:
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{'section.field': plain value} without the keys that cannot change a run's numbers."""
-  flat: dict[str, Any] = {}
-
-  def walk(node: Any, prefix: str) -> None:
-    for k in sorted(node.keys()):
-      v = node[k]
-      if hasattr(v, 'keys'):
-        walk(v, f'{prefix}{k}.')
-      else:
-        flat[f'{prefix}{k}'] = _plain(v)
-
-  walk(config, '')
-  return {k: v for k, v in flat.items()
+  return {k: _plain(v) for k, v in checkpointing.flatten_config(config).items()
           if not any(k == p or (p.endswith('.') and k.startswith(p))
                      for p in _RUN_INVARIANT_KEYS)}
 

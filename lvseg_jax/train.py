@@ -300,16 +300,15 @@ def _batch_stream(dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict
     epoch += 1
 
 
-def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
-  """'section.key: old -> new' for every leaf of two config dicts that differs."""
-  changed = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changed += _changed_settings(a, b, f'{prefix}{key}.')
-    elif a != b:
-      changed.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return changed
+def _changes_since_start(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """'section.key: old -> new' for each setting of `config` that differs from the workdir's."""
+  if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    return []
+  then = checkpointing.flatten_config(checkpointing.load_config(workdir))
+  # Through JSON, as config.json holds it (tuples become lists).
+  now = checkpointing.flatten_config(json.loads(config.to_json_best_effort()))
+  return [f'{k}: {then.get(k)!r} -> {now.get(k)!r}'
+          for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -328,12 +327,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation results (also written to workdir/eval_<sets>.{json,md}).
   """
   os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
-  previous_config_json = None  # a resumed run's own settings, for a mismatch report
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      previous_config_json = f.read()
-  checkpointing.save_config(config, workdir)
   train_ds, eval_ds = data_lib.load_datasets(config, workdir)
   devices = jax.devices()
   if config.train.num_devices > 0:
@@ -369,17 +362,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     restored = checkpointer.restore_latest(_state_dict(state))
   except ValueError as e:  # orbax: the saved tree differs from the one this config builds
-    changed = []
-    if previous_config_json is not None:
-      with open(config_path, 'w') as f:  # the workdir keeps describing its own checkpoints
-        f.write(previous_config_json)
-      changed = _changed_settings(json.loads(previous_config_json),
-                                  json.loads(config.to_json_best_effort()))
+    changed = _changes_since_start(config, workdir)
     raise ValueError(
         f'{workdir}: its latest checkpoint does not match the training state this config '
         'builds (a changed model, optimizer or train.flatten_optimizer?). Changed since the '
         f'run started: {"; ".join(changed) or "nothing recorded"}. Resume with the settings '
-        f'in {config_path}, or start a new --workdir. Details: {e}') from e
+        f'in {os.path.join(workdir, checkpointing.CONFIG_FILE)}, or start a new --workdir. '
+        f'Details: {e}') from e
+  # Written once the workdir's checkpoint is known to fit, so that a refused resume leaves
+  # the run's own config.json in place.
+  checkpointing.save_config(config, workdir)
   if restored is not None:
     state_dict, meta = restored
     state = state.replace(step=state_dict['step'], params=state_dict['params'],
