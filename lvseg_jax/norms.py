@@ -16,8 +16,9 @@ BatchNorm state convention (documented in the README and tested against PyTorch)
 Speed: every normalization in training mode runs through `_normalize`, which computes exactly
 mean = E[x], var = max(E[x^2] - mean^2, 0) and `(x - mean) * rsqrt(var + epsilon) * scale +
 bias` but has a hand-written VJP: the chain rule of those same formulas, organized as the usual
-two per-channel reductions and one elementwise pass. Differentiating the formulas directly makes XLA's CPU backend emit
-several extra full-size passes per layer (about 5x slower for a 128x128x16 BatchNorm + ReLU).
+two per-channel reductions and one elementwise pass. Differentiating the formulas directly
+makes XLA's CPU backend emit several extra full-size passes per layer (about 5x slower for a
+128x128x16 BatchNorm + ReLU).
 """
 
 import functools

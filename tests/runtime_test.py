@@ -96,7 +96,8 @@ def test_xla_accepts_defaults_and_convolutions_agree(tmp_path):
   with_flags, a = _run_child(tmp_path, 'defaults', {})
   without, b = _run_child(tmp_path, 'plain', {runtime.DISABLE_ENV: '0'})
   assert without == '""'
-  if runtime._jaxlib_version().startswith(runtime.MEASURED_JAXLIB):  # pylint: disable=protected-access
+  jaxlib_version = runtime._jaxlib_version()  # pylint: disable=protected-access
+  if jaxlib_version.startswith(runtime.MEASURED_JAXLIB):
     assert DEFAULT in with_flags
   for name in ('y', 'gx', 'gw'):
     scale = np.max(np.abs(b[name]))
