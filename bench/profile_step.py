@@ -253,7 +253,8 @@ def layer_of(op_name):
 def layers(hlo_text):
   """Maps each instruction name to the model layer its metadata names."""
   out, users = {}, collections.defaultdict(list)
-  for instrs in _computations(hlo_text).values():
+  computations = _computations(hlo_text).values()
+  for instrs in computations:
     for name, _, _, rest in instrs:
       m = re.search(r'op_name="([^"]*)"', rest)
       if m:
@@ -261,7 +262,7 @@ def layers(hlo_text):
       for operand in re.findall(r'%([\w.\-]+)', rest.split('metadata=')[0]):
         users[operand].append(name)
   # Layout copies XLA inserts carry no metadata: charge them to the layer that consumes them.
-  for instrs in _computations(hlo_text).values():
+  for instrs in computations:
     for name, _, _, _ in instrs:
       if name not in out:
         consumer = next((u for u in users.get(name, []) if u in out), None)
