@@ -139,4 +139,6 @@ def get_config() -> ml_collections.ConfigDict:
   pr.slice_spacing_mm = 0.0          # last-resort spacing between slices for volumes (> 0)
   pr.on_error = 'raise'              # raise | skip unreadable input files (skips are counted)
   pr.progress = True                 # progress bar (tqdm if installed, else log lines)
+  pr.dtype = ''                      # forward-pass activations: '' = as trained | float32 |
+                                     # bfloat16 (faster on GPUs; parameters stay float32)
   return config

@@ -88,7 +88,7 @@ PREDICT_DEFAULTS = {
     'tta': False, 'tta_transforms': 'd4', 'save_masks': True, 'save_overlays': True,
     'save_contours': True, 'save_nifti': True, 'nifti_image': True, 'contour_dir': '',
     'patient_sheet': '', 'slice_spacing_mm': 0.0, 'on_error': 'raise', 'progress': True,
-    'lv_class': 1,
+    'lv_class': 1, 'dtype': '',
 }
 
 # Test-time augmentation: (number of 90-degree rotations, left-right flip) pairs.
@@ -962,13 +962,21 @@ def inference_config(run_config: ml_collections.ConfigDict,
   """The trained run's model and data (preprocessing must match training) + this run's predict.
 
   Also takes `data.nominal_spacing_mm` / `spacing_table` / `contour` from the command line, which
-  describe the new input rather than the training data.
+  describe the new input rather than the training data, and runs the model in `predict.dtype`
+  when that is set (e.g. bfloat16 activations on a GPU; '' keeps the trained `model.dtype`).
   """
   config = ml_collections.ConfigDict(trained_config.to_dict())
   config.predict = ml_collections.ConfigDict(run_config.predict.to_dict())
   for key in ('nominal_spacing_mm', 'spacing_table', 'contour'):
     if key in run_config.data:
       config.data[key] = run_config.data[key]
+  dtype = _pr(config, 'dtype')
+  if dtype:
+    from lvseg_jax import models  # pylint: disable=g-import-not-at-top
+    if dtype not in models.DTYPES:
+      raise ValueError(f'predict.dtype={dtype!r}: choose from {sorted(models.DTYPES)} '
+                       "or '' (as trained).")
+    config.model.dtype = dtype   # activations only: the parameters are the same either way
   augment = trained_config.get('augment', None) or {}
   if (_pr(config, 'tta') and _pr(config, 'tta_transforms') != 'none'
       and not (augment.get('flip_lr', False) or augment.get('flip_ud', False))):

@@ -240,6 +240,24 @@ def test_slice_spacing_fallbacks():
   assert any('differs' in n for n in notes)
 
 
+def test_predict_dtype_runs_the_trained_weights_in_bfloat16():
+  trained = tiny_config()
+  run = tiny_config()
+  assert predict.inference_config(run, trained).model.dtype == 'float32'  # '' = as trained
+  run.predict.dtype = 'bfloat16'
+  config = predict.inference_config(run, trained)
+  assert config.model.dtype == 'bfloat16' and trained.model.dtype == 'float32'
+  variables = random_variables(models.get_model(trained.model))
+  x = np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+  p32, p16 = (np.asarray(jax.nn.softmax(models.get_model(c.model).apply(variables, x)))
+              for c in (trained, config))
+  # bfloat16 keeps 8 mantissa bits: the probabilities move by about 1e-2, not more.
+  assert 0 < np.abs(p16 - p32).max() < 0.05
+  run.predict.dtype = 'float16'
+  with pytest.raises(ValueError, match='predict.dtype'):
+    predict.inference_config(run, trained)
+
+
 # ------------------------------------------------------------------------------ a full run
 
 
