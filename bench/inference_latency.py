@@ -13,6 +13,7 @@ each in a fresh process so the peak resident memory belongs to that configuratio
 
   python bench/inference_latency.py                              # CPU-scale and full-size IBU-Net
   python bench/inference_latency.py --configs cpu --repeats 1
+  python bench/inference_latency.py --configs full,full-bf16      # on a GPU
   python bench/inference_latency.py --series /path/to/CINESAX_300 --json /tmp/latency.json
 
 The default series is SCD0000101/CINESAX_300 (SC-HF-I-01: 12 slices x 20 phases = 240 frames,
@@ -43,6 +44,8 @@ DEFAULT_SERIES = os.path.join(DATA_ROOT, 'SCD_IMAGES_01', 'SCD0000101', 'CINESAX
 CONFIGS = {
     'cpu': ('configs/cpu.py', {}),                       # IBU-Net, 128 x 128, width 16
     'full': ('configs/ibu.py', {}),                      # IBU-Net, 256 x 256, width 64
+    # The same float32 checkpoint run with bfloat16 activations (for GPUs).
+    'full-bf16': ('configs/ibu.py', {'predict.dtype': 'bfloat16'}),
 }
 
 
@@ -106,7 +109,8 @@ def make_workdir(name: str, batch_size: int, root: str) -> str:
   return workdir
 
 
-def run_cli(config_path: str, workdir: str, series: str, output: str, batch_size: int):
+def run_cli(config_path: str, workdir: str, series: str, output: str, batch_size: int,
+            overrides: dict | None = None):
   """Wall seconds and peak RSS (MiB) of one `main.py --mode=predict` process.
 
   The child's `ru_maxrss` starts from this (small, JAX-free) parent's RSS at fork, which
@@ -116,6 +120,7 @@ def run_cli(config_path: str, workdir: str, series: str, output: str, batch_size
   cmd = [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config_path}',
          f'--workdir={workdir}', '--mode=predict', f'--input={series}', f'--output={output}',
          f'--config.predict.batch_size={batch_size}', '--config.predict.progress=false']
+  cmd += [f'--config.{key}={value}' for key, value in (overrides or {}).items()]
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   out = proc.stdout.read()
@@ -245,7 +250,7 @@ def main(argv=None):
       cli = []
       for i in range(args.repeats):
         seconds, rss = run_cli(config_path, workdir, args.series, os.path.join(root, 'out'),
-                               args.batch_size)
+                               args.batch_size, CONFIGS[name][1])
         cli.append({'seconds': seconds, 'peak_rss_mib': rss})
         print(f'  cli run {i + 1}: {seconds:6.1f} s end to end, peak RSS {rss:6.0f} MiB',
               flush=True)

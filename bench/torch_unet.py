@@ -130,18 +130,29 @@ def dice_ce_loss(logits, masks, dice_weight: float = 1.0, ce_weight: float = 1.0
   return loss, hard.mean()
 
 
-def make_train_step(model: nn.Module, lr: float = 1e-3, channels_last: bool = False):
-  """Returns `step(images_nchw, masks) -> loss` doing forward, backward and an Adam update."""
+def make_train_step(model: nn.Module, lr: float = 1e-3, channels_last: bool = False,
+                    autocast_dtype: torch.dtype | None = None):
+  """Returns `step(images_nchw, masks) -> loss` doing forward, backward and an Adam update.
+
+  The step runs on the device of the model's parameters (move the model first).
+  `autocast_dtype=torch.bfloat16` runs the forward pass under `torch.autocast` (bf16
+  convolutions, float32 parameters and optimizer), PyTorch's counterpart of
+  `config.model.dtype='bfloat16'`.
+  """
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
   opt = torch.optim.Adam(model.parameters(), lr=lr)
   model.train()
+  device_type = next(model.parameters()).device.type
 
   def step(images, masks):
     if channels_last:
       images = images.contiguous(memory_format=torch.channels_last)
     opt.zero_grad(set_to_none=True)
-    loss, _ = dice_ce_loss(model(images), masks)
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+      logits = model(images)
+    loss, _ = dice_ce_loss(logits.float(), masks)
     loss.backward()
     opt.step()
     return loss

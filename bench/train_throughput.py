@@ -16,6 +16,14 @@ JAX step, so it is then charged to JAX only).
   python bench/train_throughput.py --models unet_bn --sizes 128 --widths 16 --iters 5
   python bench/train_throughput.py --jax after --dtype bfloat16      # bf16 activations
   python bench/train_throughput.py --jax after --torch-formats nchw,channels_last
+  python bench/train_throughput.py --jax after --widths 16,32,64 --batch 16 --iters 30 \
+      --iters-256 30 --dtype bfloat16          # on a GPU: PyTorch on CUDA too, bf16 autocast
+
+Device: JAX runs on its default backend; PyTorch on CUDA when JAX's backend is a GPU and
+PyTorch sees one (`--torch-device` overrides), with `cudnn.benchmark` on, as GPU users run it.
+On a GPU, float32 convolutions use TF32 in both frameworks (their defaults). `--dtype
+bfloat16` gives JAX bf16 activations (float32 parameters, statistics and optimizer) and
+PyTorch `torch.autocast(dtype=torch.bfloat16)`.
 
 XLA flags: the library's CPU defaults (`lvseg_jax.runtime.configure_xla_cpu`) are applied
 unless `--no-library-flags`; `--xla-flags='...'` appends more (both before JAX starts).
@@ -56,7 +64,10 @@ def parse_args(argv=None):
                       'and/or channels_last (NHWC, oneDNN\'s fast path on CPU)')
   p.add_argument('--channels-last', action='store_true',
                  help='same as --torch-formats=channels_last')
-  p.add_argument('--dtype', default='float32', help='JAX activation dtype (float32|bfloat16)')
+  p.add_argument('--torch-device', default='auto',
+                 help="cpu | cuda | auto (cuda if JAX's default backend is a GPU)")
+  p.add_argument('--dtype', default='float32',
+                 help='activation dtype (float32|bfloat16): JAX model.dtype, PyTorch autocast')
   p.add_argument('--augment', action='store_true', help='augmentation inside the JAX step')
   add_xla_args(p)
   p.add_argument('--json', default='', help='write the results here')
@@ -134,16 +145,26 @@ def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', aug
   return run
 
 
-def build_torch_step(name, width, size, batch, depth=4, channels_last=False):
+def build_torch_step(name, width, size, batch, depth=4, channels_last=False, device='cpu',
+                     dtype='float32'):
   import torch  # pylint: disable=g-import-not-at-top
   from bench import torch_unet  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = torch_unet.UNet(torch_unet.block_norms_for(name, depth), width, depth)
-  step = torch_unet.make_train_step(model, channels_last=channels_last)
+  model = torch_unet.UNet(torch_unet.block_norms_for(name, depth), width, depth).to(device)
+  autocast = {'float32': None, 'bfloat16': torch.bfloat16}[dtype]
+  step = torch_unet.make_train_step(model, channels_last=channels_last, autocast_dtype=autocast)
   images, masks = make_batch(batch, size)
-  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  y = torch.from_numpy(masks).long()
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  y = torch.from_numpy(masks).long().to(device)
   return lambda: step(x, y)
+
+
+def torch_device(requested: str) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if requested != 'auto':
+    return requested
+  return 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
 
 
 def timed(fn, sync):
@@ -153,15 +174,23 @@ def timed(fn, sync):
   return time.perf_counter() - t0
 
 
-def environment():
+def environment(device: str = 'cpu'):
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from bench import common  # pylint: disable=g-import-not-at-top
-  return {**common.machine(), 'jax': jax.__version__,
-          'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'torch': torch.__version__,
-          'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  env = {**common.machine(), 'jax': jax.__version__,
+         'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'torch': torch.__version__,
+         'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'jax_device': jax.devices()[0].device_kind, 'torch_device': device}
+  if device == 'cuda':
+    env['torch_cuda_device'] = torch.cuda.get_device_name()
+    env['torch_cuda'] = torch.version.cuda
+    env['cudnn'] = torch.backends.cudnn.version()
+    env['cudnn_benchmark'] = torch.backends.cudnn.benchmark
+    env['cudnn_allow_tf32'] = torch.backends.cudnn.allow_tf32
+  return env
 
 
 def main(argv=None):
@@ -171,7 +200,10 @@ def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  env = environment()
+  device = torch_device(args.torch_device)
+  if device == 'cuda':
+    torch.backends.cudnn.benchmark = True
+  env = environment(device)
   print(json.dumps(env))
   impls = [i for i in args.jax.split(',') if i]
   formats = ['channels_last'] if args.channels_last else [
@@ -182,6 +214,8 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f'--torch-formats: unknown {unknown}; choose from {list(TORCH_LABELS)}.')
   torch_labels = {f: TORCH_LABELS[f] for f in formats}
+  # A CPU step returns when its work is done; a CUDA step as soon as the work is queued.
+  torch_sync = (lambda out: torch.cuda.synchronize()) if device == 'cuda' else (lambda out: None)
   results = []
   header = (f"{'model':8} {'size':>4} {'width':>5} " +
             ' '.join(f'{"jax-" + i:>11}' for i in impls) +
@@ -200,7 +234,8 @@ def main(argv=None):
                                     jax.block_until_ready)
         for fmt, label in torch_labels.items():
           runners[label] = (build_torch_step(name, width, size, args.batch, args.depth,
-                                             fmt == 'channels_last'), lambda out: None)
+                                             fmt == 'channels_last', device, args.dtype),
+                            torch_sync)
         compile_s = {}
         for label, (fn, sync) in runners.items():
           compile_s[label] = timed(fn, sync)          # first call: jit compile (+ step)
