@@ -81,6 +81,7 @@ from lvseg_jax import contours as contours_lib
 from lvseg_jax import data as data_lib
 from lvseg_jax import export
 from lvseg_jax import metrics
+from lvseg_jax import models
 
 # config.predict defaults, so configs saved before a field existed keep working.
 PREDICT_DEFAULTS = {
@@ -972,7 +973,6 @@ def inference_config(run_config: ml_collections.ConfigDict,
       config.data[key] = run_config.data[key]
   dtype = _pr(config, 'dtype')
   if dtype:
-    from lvseg_jax import models  # pylint: disable=g-import-not-at-top
     if dtype not in models.DTYPES:
       raise ValueError(f'predict.dtype={dtype!r}: choose from {sorted(models.DTYPES)} '
                        "or '' (as trained).")
@@ -1012,7 +1012,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str | N
     The per-series summaries (also in `output/summary.json`).
   """
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from lvseg_jax import models  # pylint: disable=g-import-not-at-top
 
   input_path = input_path or str(config.predict.get('input', '') or '')
   output = output or str(config.predict.get('output', '') or '')
