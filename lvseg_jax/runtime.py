@@ -14,9 +14,9 @@ Defaults (docs/BENCHMARKS.md, "Training throughput", has the measurements):
     convolutions with its Eigen kernels instead of YNNPACK (YNNPACK keeps the dots and
     reductions). On the 2-core AVX-512 benchmark machine the train step was 0-30% faster with
     it (BN U-Net and IBU-Net, 128x128, batch 8, widths 16 and 32; never slower). Same
-    mathematics; float32 results differ only by summation-order rounding. Only added for the jaxlib versions it was measured with
-    (`MEASURED_JAXLIB`): XLA aborts on a flag it does not know, and XLA:CPU's experimental
-    flags come and go between releases.
+    mathematics; float32 results differ only by summation-order rounding. Only added for the
+    jaxlib versions it was measured with (`MEASURED_JAXLIB`): XLA aborts on a flag it does not
+    know, and XLA:CPU's experimental flags come and go between releases.
 """
 
 from importlib import metadata
