@@ -385,9 +385,44 @@ def test_elastic_std_matches_simard_recipe_and_scales_with_size():
       augment.elastic_std(alpha, sigma, ref, ref) / 2)
 
 
-def test_coarse_nodes_are_independent_unit_uniforms():
+def _threefry2x32_numpy(key: tuple[int, int], x0: np.ndarray, x1: np.ndarray):
+  """Threefry-2x32, 20 rounds (Salmon et al. 2011, Random123), written out in NumPy."""
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  ks = (np.uint32(key[0]), np.uint32(key[1]),
+        np.uint32(key[0]) ^ np.uint32(key[1]) ^ np.uint32(0x1BD11BDA))
+  x0 = x0.astype(np.uint32) + ks[0]
+  x1 = x1.astype(np.uint32) + ks[1]
+  for block in range(5):
+    for r in rotations[block % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def test_random_words_keep_both_threefry_outputs():
+  """Threefry keys: word i and word i + n/2 are the two outputs of one hash of (i, i + n/2)."""
+  # Known-answer vector of the Threefry paper (also in JAX's own tests) checks the oracle.
+  y0, y1 = _threefry2x32_numpy((0x13198A2E, 0x03707344), np.array([0x243F6A88], np.uint32),
+                               np.array([0x85A308D3], np.uint32))
+  assert (int(y0[0]), int(y1[0])) == (0xC4923A9C, 0x483DF7A0)
+  key = jax.random.key(7)
+  k0, k1 = (int(v) for v in np.asarray(jax.random.key_data(key)))
+  words = np.asarray(augment._random_words(key, (6, 10)))
+  count = np.arange(60, dtype=np.uint32)
+  y0, y1 = _threefry2x32_numpy((k0, k1), count[:30], count[30:])
+  np.testing.assert_array_equal(words.ravel(), np.concatenate([y0, y1]))
+  # A raw uint32[2] key (jax.random.PRNGKey) is the same threefry key.
+  np.testing.assert_array_equal(
+      np.asarray(augment._random_words(jax.random.key_data(key), (6, 10))), words)
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_coarse_nodes_are_independent_unit_uniforms(impl):
   """The 16-bit node pair: zero mean, unit variance, uniform on [-sqrt 3, sqrt 3], uncorrelated."""
-  nodes = np.asarray(augment._uniform_node_pair(jax.random.key(0), (512, 512)), np.float64)
+  nodes = np.asarray(augment._uniform_node_pair(jax.random.key(0, impl=impl), (512, 512)),
+                     np.float64)
   assert nodes.shape == (2, 512, 512)
   limit = math.sqrt(3.0)
   assert np.mean(nodes) == pytest.approx(0.0, abs=0.01)
