@@ -1,15 +1,19 @@
 """Augmentation throughput: lvseg_jax.augment vs SciPy, elasticdeform and batchgenerators.
 
 Usage (from the repository root):
-  python bench/augment.py                      # 256 and 128, batch 32, 7 rounds x 10 batches
+  python bench/augment.py                      # 256 and 128, batch 32, 7 rounds, >= 0.4 s each
   python bench/augment.py --sizes=128 --rounds=3 --json=/tmp/augment.json
 
 Every method does the same work per image: a random rotation (+-15 deg) and scale, an elastic
 deformation with the default config's alpha/sigma (scaled with the image size), linear
 interpolation of the image and nearest-neighbour interpolation of the mask. Methods are run
-interleaved, round after round (each round runs `--inner` consecutive batches per method), so a
-shared, busy machine slows all of them alike; the report gives the median time per batch, the
-median of the per-round ratios and the time of each round's first call on its own.
+interleaved, round after round, so a shared, busy machine slows all of them alike. Each round
+runs every method for at least `--inner` consecutive batches and at least `--min-round-s`
+seconds: a window of about the same length for all. A window of 10 batches of the ~2 ms JAX call
+(~25 ms) would fall inside the ~60 ms in which this 2-vCPU machine's second core comes back up
+to speed after the single-threaded baselines (docs/BENCHMARKS.md, run I). The report gives the
+median time per batch, the median of the per-round ratios and the time of each round's first
+call on its own.
 Baselines: `pip install -r requirements-bench.txt` (missing ones are reported and skipped).
 """
 
@@ -184,11 +188,14 @@ def _field_fns(size: int, batch: int, config) -> dict[str, Callable]:
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int,
-                 first_calls: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                 first_calls: dict[str, list[float]] | None = None,
+                 min_seconds: float = 0.0) -> dict[str, list[float]]:
   """Seconds per call of each fn, `rounds` rounds, fns interleaved within each round.
 
-  Each round calls each fn `inner` times in a row and records the mean: sustained
-  throughput. If `first_calls` is given, it also gets each round's first call alone.
+  Each round calls each fn at least `inner` times in a row, and until at least `min_seconds`
+  have passed, and records the mean: sustained throughput over a window of about the same
+  length for every method. If `first_calls` is given, it also gets each round's first call
+  alone.
   """
   for fn in fns.values():  # warm up / compile
     fn()
@@ -198,9 +205,11 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int,
       t0 = time.perf_counter()
       fn()
       t1 = time.perf_counter()
-      for _ in range(inner - 1):
+      calls = 1
+      while calls < inner or time.perf_counter() - t0 < min_seconds:
         fn()
-      times[name].append((time.perf_counter() - t0) / inner)
+        calls += 1
+      times[name].append((time.perf_counter() - t0) / calls)
       if first_calls is not None:
         first_calls.setdefault(name, []).append(t1 - t0)
   return times
@@ -220,10 +229,12 @@ def _versions() -> dict[str, str]:
   return out
 
 
-def run(sizes: list[int], batch: int, rounds: int, inner: int = 10) -> dict:
+def run(sizes: list[int], batch: int, rounds: int, inner: int = 10,
+        min_seconds: float = 0.0) -> dict:
   results = {'date': datetime.date.today().isoformat(), 'cpu': common.cpu_info()[0],
              'cores': os.cpu_count(), 'devices': [str(d) for d in jax.devices()],
              'versions': _versions(), 'batch': batch, 'rounds': rounds, 'inner': inner,
+             'min_round_s': min_seconds,
              'loadavg_before': os.getloadavg(), 'sizes': {}}
   config = _bench_config()
   for size in sizes:
@@ -253,7 +264,8 @@ def run(sizes: list[int], batch: int, rounds: int, inner: int = 10) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       skipped['batchgenerators SpatialTransform'] = repr(e)
     first = {}
-    times = _interleaved(fns, rounds, inner=inner, first_calls=first)
+    times = _interleaved(fns, rounds, inner=inner, first_calls=first,
+                         min_seconds=min_seconds)
     ref = 'lvseg_jax (jit, coarse elastic)'
     table = {}
     for name, ts in times.items():
@@ -297,7 +309,8 @@ def _print(results: dict) -> None:
         f"devices={results['devices']}")
   print('versions:', ', '.join(f'{k} {v}' for k, v in results['versions'].items()))
   print(f"batch {results['batch']}, {results['rounds']} interleaved rounds of "
-        f"{results.get('inner', 1)} consecutive batches per method, load average "
+        f"{results.get('inner', 1)} consecutive batches per method (and at least "
+        f"{results.get('min_round_s', 0.0):g} s), load average "
         f"before {results['loadavg_before'][0]:.1f} / after {results['loadavg_after'][0]:.1f}")
   for size, r in results['sizes'].items():
     print(f'\n{size}x{size}  (elastic std {r["elastic_std_px"]:.2f} px, sigma '
@@ -328,10 +341,13 @@ def main() -> None:
   parser.add_argument('--inner', type=int, default=10,
                       help='consecutive batches per method and round: sustained throughput '
                            '(the first call of each round is also reported on its own)')
+  parser.add_argument('--min-round-s', type=float, default=0.4,
+                      help='and at least this many seconds per method and round: the same '
+                           'window for every method (0: exactly --inner batches)')
   parser.add_argument('--json', default='', help='also write the results here')
   args = parser.parse_args()
   results = run([int(s) for s in args.sizes.split(',')], args.batch, args.rounds,
-                args.inner)
+                args.inner, args.min_round_s)
   _print(results)
   if args.json:
     with open(args.json, 'w') as f:
