@@ -36,7 +36,7 @@ import math
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.extend.random  # pylint: disable=unused-import  (jax.extend.random.threefry_2x32)
+import jax.extend.random  # threefry_2x32; `import jax` alone does not load jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
