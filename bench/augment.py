@@ -11,7 +11,7 @@ interleaved, round after round, so a shared, busy machine slows all of them alik
 runs every method for at least `--inner` consecutive batches and at least `--min-round-s`
 seconds: a window of about the same length for all. A window of 10 batches of the ~2 ms JAX
 call (~25 ms) would fall inside the 40-60 ms in which this 2-vCPU machine's second core comes
-back up to speed after the single-threaded baselines (docs/BENCHMARKS.md, runs I-M). The report
+back up to speed after the single-threaded baselines (docs/BENCHMARKS.md, runs I-P). The report
 gives the median time per batch, the median of the per-round ratios and the time of each
 round's first call on its own.
 Baselines: `pip install -r requirements-bench.txt` (missing ones are reported and skipped).
