@@ -175,15 +175,20 @@ def timed(fn, sync):
 
 
 def environment(device: str = 'cpu'):
+  """Machine and versions; `device=''` leaves PyTorch out (it need not be installed)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   from bench import common  # pylint: disable=g-import-not-at-top
   env = {**common.machine(), 'jax': jax.__version__,
-         'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'torch': torch.__version__,
-         'torch_threads': torch.get_num_threads(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+         'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'jax_device': jax.devices()[0].device_kind, 'torch_device': device}
+  if not device:
+    return env
+  import torch  # pylint: disable=g-import-not-at-top
+  env['torch'] = torch.__version__
+  env['torch_threads'] = torch.get_num_threads()
   if device == 'cuda':
     env['torch_cuda_device'] = torch.cuda.get_device_name()
     env['torch_cuda'] = torch.version.cuda
@@ -197,12 +202,14 @@ def main(argv=None):
   args = parse_args(argv)
   setup_xla(args)
   import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  device = torch_device(args.torch_device)
-  if device == 'cuda':
-    torch.backends.cudnn.benchmark = True
+  device = ''
+  if not args.no_torch:  # --no-torch runs where PyTorch is not installed
+    import torch  # pylint: disable=g-import-not-at-top
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
+    device = torch_device(args.torch_device)
+    if device == 'cuda':
+      torch.backends.cudnn.benchmark = True
   env = environment(device)
   print(json.dumps(env))
   impls = [i for i in args.jax.split(',') if i]
@@ -215,7 +222,8 @@ def main(argv=None):
     raise SystemExit(f'--torch-formats: unknown {unknown}; choose from {list(TORCH_LABELS)}.')
   torch_labels = {f: TORCH_LABELS[f] for f in formats}
   # A CPU step returns when its work is done; a CUDA step as soon as the work is queued.
-  torch_sync = (lambda out: torch.cuda.synchronize()) if device == 'cuda' else (lambda out: None)
+  torch_sync = ((lambda out: torch.cuda.synchronize()) if device == 'cuda'
+                else (lambda out: None))
   results = []
   header = (f"{'model':8} {'size':>4} {'width':>5} " +
             ' '.join(f'{"jax-" + i:>11}' for i in impls) +
