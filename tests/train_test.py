@@ -84,6 +84,30 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path)
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+def test_train_step_compiles_once_per_run_fresh_and_resumed(tiny_config, tmp_path, monkeypatch,
+                                                             parallel):
+  """The state enters the step with the type the step returns, so steps 2.. reuse step 1's
+  executable (a state off the mesh made the second step trace and compile again)."""
+  made = []
+  make_train_step = train.make_train_step
+
+  def recording(*args, **kwargs):
+    made.append(make_train_step(*args, **kwargs))
+    return made[-1]
+
+  monkeypatch.setattr(train, 'make_train_step', recording)
+  config = tiny_config(tmp_path, num_steps=4, checkpoint_every_steps=100, halt_after_steps=2,
+                       parallel=parallel)
+  config.train.eval_every_epochs = 1000
+  workdir = str(tmp_path / 'work')
+  train.train_and_evaluate(config, workdir)   # steps 1-2, then halts
+  config.train.halt_after_steps = -1
+  train.train_and_evaluate(config, workdir)   # resumes from the checkpoint: steps 3-4
+  assert _latest_params(workdir)[0] == 4
+  assert [step_fn._cache_size() for step_fn in made] == [1, 1]  # pylint: disable=protected-access
+
+
 def test_resuming_with_a_different_optimizer_layout_is_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(tmp_path, num_steps=3, checkpoint_every_steps=100, halt_after_steps=1,
                        flatten_optimizer=False)
