@@ -29,7 +29,8 @@ SERIES = ('SCD0000201', 'SC-HF-I-02')  # the 18-frame series: 9 slices x 2 phase
 IMAGE_SIZE = 64
 
 
-def tiny_config():
+def predict_config():
+  """A tiny IBU-Net config at 64 px for prediction (conftest's `tiny_config` is for training)."""
   config = default.get_config()
   config.model.name = 'ibu'
   config.model.base_width = 4
@@ -182,7 +183,7 @@ def test_uncertainty_scale_and_mask_png(tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, data_root):
-  config = tiny_config()
+  config = predict_config()
   with pytest.raises(predict.PredictError, match='does not exist'):
     predict.find_series(str(tmp_path / 'nope'), config)
   (tmp_path / 'empty').mkdir()
@@ -215,7 +216,7 @@ def test_missing_pixel_spacing_falls_back_to_nominal(tmp_path, data_root):
       ds = pydicom.dcmread(path)
       del ds.PixelSpacing
       ds.save_as(str(folder / os.path.basename(path)))
-  config = tiny_config()
+  config = predict_config()
   config.data.nominal_spacing_mm = 1.5
   series, = predict.find_series(str(folder), config)
   assert all(f.pixel_spacing == (1.5, 1.5) and f.spacing_source == 'nominal'
@@ -241,8 +242,8 @@ def test_slice_spacing_fallbacks():
 
 
 def test_predict_dtype_runs_the_trained_weights_in_bfloat16():
-  trained = tiny_config()
-  run = tiny_config()
+  trained = predict_config()
+  run = predict_config()
   assert predict.inference_config(run, trained).model.dtype == 'float32'  # '' = as trained
   run.predict.dtype = 'bfloat16'
   config = predict.inference_config(run, trained)
@@ -263,7 +264,7 @@ def test_predict_dtype_runs_the_trained_weights_in_bfloat16():
 
 @pytest.fixture(scope='module')
 def tiny_workdir(tmp_path_factory):
-  config = tiny_config()
+  config = predict_config()
   workdir = str(tmp_path_factory.mktemp('workdir'))
   variables = random_variables(models.get_model(config.model))
   checkpointing.save_config(config, workdir)
@@ -276,7 +277,7 @@ def tiny_workdir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def prediction_run(tiny_workdir, data_root, tmp_path_factory):
   workdir, _ = tiny_workdir
-  config = tiny_config()
+  config = predict_config()
   config.predict.tta = True
   config.predict.contour_dir = os.path.join(data_root, 'SCD_ManualContours')
   output = str(tmp_path_factory.mktemp('prediction'))
@@ -399,7 +400,7 @@ def test_nifti_affine_holds_the_dicom_geometry(prediction_run):
 
 def test_png_folder_of_unexpected_size(tiny_workdir, tmp_path):
   _, variables = tiny_workdir
-  config = tiny_config()
+  config = predict_config()
   folder = tmp_path / 'pngs'
   folder.mkdir()
   rng = np.random.default_rng(0)
@@ -424,7 +425,7 @@ def test_png_folder_of_unexpected_size(tiny_workdir, tmp_path):
 
 
 def test_tree_of_series_and_png_data_set_layout(tmp_path, data_root):
-  config = tiny_config()
+  config = predict_config()
   tree = tmp_path / 'tree'
   for scd_id, sub in (('SCD0000201', 'a'), ('SCD0000101', os.path.join('b', 'c'))):
     (tree / sub).mkdir(parents=True)
