@@ -131,9 +131,7 @@ def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', aug
   state = train.create_train_state(config, model, jax.random.key(0), total)
   schedule = train.learning_rate_schedule(config.train, total)
   mesh = train.make_mesh(jax.devices()[:1])
-  # As lvseg_jax.train.train_and_evaluate does: a state placed on the mesh has the type the
-  # step returns, so the second call does not trace and compile the step again.
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = train.replicate(state, mesh)  # else the second call compiles the step again
   step = train.make_train_step(config, mesh, schedule)
   images, masks = make_batch(batch, size)
   device_batch = {'image': jax.device_put(images), 'mask': jax.device_put(masks),

@@ -172,11 +172,21 @@ def make_mesh(devices: list | None = None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
 
 
+def replicate(state: TrainState, mesh: Mesh) -> TrainState:
+  """`state` placed on every device of `mesh`, as the train step returns it.
+
+  A state that is not (fresh from `create_train_state` or a checkpoint) makes the step's
+  second call trace and compile again, because the returned state's type carries the mesh.
+  """
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
                     schedule: optax.Schedule) -> Callable:
   """The jitted, state-donating train step for `config.train.parallel`.
 
-  The model inside `state.apply_fn` must be built with `axis_name='batch'` for 'pmap'.
+  The model inside `state.apply_fn` must be built with `axis_name='batch'` for 'pmap'. Pass it
+  a state placed with `replicate(state, mesh)`, so that it compiles once.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(AXIS))
@@ -378,9 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           batch_stats=state_dict['batch_stats'],
                           opt_state=state_dict['opt_state'])
     logging.info('Resumed from step %d (%s).', int(state.step), meta)
-  replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
-  state = jax.device_put(state, replicated)
+  state = replicate(state, mesh)
   step_fn = make_train_step(config, mesh, schedule)
   predict_fn = make_predict_fn(eval_model)
   start_step = int(state.step)
