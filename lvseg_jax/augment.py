@@ -227,8 +227,7 @@ def _random_words(key: Array, shape: Sequence[int]) -> Array:
   `jax.random.bits`.
   """
   shape = tuple(int(s) for s in shape)
-  is_typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  if str(jax.random.key_impl(key)) != 'threefry2x32' or (not is_typed and key.shape != (2,)):
+  if str(jax.random.key_impl(key)) != 'threefry2x32':
     return jax.random.bits(key, shape, jnp.uint32)
   counter = jax.lax.iota(jnp.uint32, math.prod(shape))
   return jax.extend.random.threefry_2x32(jax.random.key_data(key), counter).reshape(shape)
