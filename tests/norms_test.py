@@ -332,6 +332,40 @@ def test_gradients_match_flax_autodiff(which):
     np.testing.assert_allclose(gp1[key], gp2[key], rtol=1e-4, atol=1e-5)
 
 
+def _np_norm_grads(x, g, scale, axes):
+  """Float64 textbook gradients of y = x_hat * scale + bias for an upstream gradient g."""
+  x, g = x.astype(np.float64), g.astype(np.float64)
+  mean = x.mean(axis=axes, keepdims=True)
+  inv = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
+  x_hat = (x - mean) * inv
+  g_hat = g * scale
+  count = np.prod([x.shape[a] for a in axes])
+  dx = inv / count * (count * g_hat - g_hat.sum(axis=axes, keepdims=True)
+                      - x_hat * (g_hat * x_hat).sum(axis=axes, keepdims=True))
+  return dx, (g * x_hat).sum(axis=(0, 1, 2)), g.sum(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize('which', ['batch', 'layer', 'instance'])
+def test_gradients_match_float64_formula_when_the_mean_dominates(which):
+  """Activations far from zero mean (mean 10 std) are where the sums could cancel."""
+  x = _rand((4, 8, 8, 3), seed=3, loc=10.0)
+  scale, bias = _rand((3,), 1), _rand((3,), 2)
+  w = _rand(x.shape, seed=4)
+  layer, axes, kwargs = {
+      'batch': (norms.BatchNorm(), (0, 1, 2), {'use_running_average': False}),
+      'layer': (norms.LayerNorm(), (1, 2, 3), {}),
+      'instance': (norms.InstanceNorm(), (1, 2), {}),
+  }[which]
+  variables = _set_affine(layer.init(jax.random.key(0), x, **kwargs), scale, bias)
+  gp, gx = _grads(layer, variables, x, **kwargs)
+  y = _np_norm(x, axes).astype(np.float64) * scale + bias
+  dx, dscale, dbias = _np_norm_grads(x, np.cos(y) * _rand(x.shape, seed=123), scale, axes)
+  # float32 rounding of the E[x^2] - E[x]^2 variance alone is ~1e-5 of the result here.
+  np.testing.assert_allclose(gx, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
+  np.testing.assert_allclose(gp['scale'], dscale, rtol=1e-3, atol=1e-4 * np.abs(dscale).max())
+  np.testing.assert_allclose(gp['bias'], dbias, rtol=1e-3, atol=1e-4 * np.abs(dbias).max())
+
+
 def test_batchnorm_gradients_match_pytorch_backward():
   c = 3
   x = _rand((4, 5, 6, c), loc=-1.0, scale=1.5)
