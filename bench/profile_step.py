@@ -314,8 +314,9 @@ def compiled_hlo(args):
   config.train.batch_size = args.batch
   config.augment.enabled = False
   model = models_mod.get_model(config.model)
-  state = train.create_train_state(config, model, jax.random.key(0), 1000)
-  step = train.make_train_step(config, train.make_mesh(jax.devices()[:1]),
+  mesh = train.make_mesh(jax.devices()[:1])
+  state = train.replicate(train.create_train_state(config, model, jax.random.key(0), 1000), mesh)
+  step = train.make_train_step(config, mesh,
                                train.learning_rate_schedule(config.train, 1000))
   images, masks = tt.make_batch(args.batch, args.size)
   batch = {'image': images, 'mask': masks, 'valid': np.ones((args.batch,), bool)}

@@ -92,7 +92,7 @@ def _run(config, devices, batches, use_raw_pmap=False):
   mesh = train.make_mesh(devices)
   step = train.make_train_step(config, mesh, schedule)
   sharding = NamedSharding(mesh, P(train.AXIS))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state = train.replicate(state, mesh)
   for b in batches:
     state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in b.items()}, key)
     assert np.isfinite(float(metrics['loss']))
@@ -124,8 +124,9 @@ def test_overfitting_one_batch_drives_the_loss_down():
   config.train.learning_rate = 3e-2
   model = models.get_model(config.model)
   schedule = train.learning_rate_schedule(config.train, 60)
-  state = train.create_train_state(config, model, jax.random.key(0), 60)
-  step = train.make_train_step(config, train.make_mesh(jax.devices()[:1]), schedule)
+  mesh = train.make_mesh(jax.devices()[:1])
+  state = train.replicate(train.create_train_state(config, model, jax.random.key(0), 60), mesh)
+  step = train.make_train_step(config, mesh, schedule)
   batch = _batch(4)
   losses = []
   for _ in range(60):
@@ -151,7 +152,7 @@ def test_flattened_optimizer_gives_the_per_leaf_update(optimizer, weight_decay, 
   results = {}
   for flatten in (False, True):
     config.train.flatten_optimizer = flatten
-    state = train.create_train_state(config, model, jax.random.key(0), 5)
+    state = train.replicate(train.create_train_state(config, model, jax.random.key(0), 5), mesh)
     step = train.make_train_step(config, mesh, schedule)
     for seed in range(4):
       state, _ = step(state, _batch(4, seed=seed), jax.random.key(1))
