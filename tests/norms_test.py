@@ -350,7 +350,6 @@ def test_gradients_match_float64_formula_when_the_mean_dominates(which):
   """Activations far from zero mean (mean 10 std) are where the sums could cancel."""
   x = _rand((4, 8, 8, 3), seed=3, loc=10.0)
   scale, bias = _rand((3,), 1), _rand((3,), 2)
-  w = _rand(x.shape, seed=4)
   layer, axes, kwargs = {
       'batch': (norms.BatchNorm(), (0, 1, 2), {'use_running_average': False}),
       'layer': (norms.LayerNorm(), (1, 2, 3), {}),
@@ -360,7 +359,8 @@ def test_gradients_match_float64_formula_when_the_mean_dominates(which):
   gp, gx = _grads(layer, variables, x, **kwargs)
   y = _np_norm(x, axes).astype(np.float64) * scale + bias
   dx, dscale, dbias = _np_norm_grads(x, np.cos(y) * _rand(x.shape, seed=123), scale, axes)
-  # float32 rounding of the E[x^2] - E[x]^2 variance alone is ~1e-5 of the result here.
+  # float32 rounding of the forward's E[x^2] - E[x]^2 variance alone is 1e-5 to 3e-5 of the
+  # largest gradient here.
   np.testing.assert_allclose(gx, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
   np.testing.assert_allclose(gp['scale'], dscale, rtol=1e-3, atol=1e-4 * np.abs(dscale).max())
   np.testing.assert_allclose(gp['bias'], dbias, rtol=1e-3, atol=1e-4 * np.abs(dbias).max())
