@@ -186,6 +186,9 @@ def _field_fns(size: int, batch: int, config) -> dict[str, Callable]:
 
 # ------------------------------------------------------------------------------------- harness
 
+# Seconds every method runs per round at least (module docstring: equal windows).
+MIN_ROUND_S = 0.4
+
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int,
                  first_calls: dict[str, list[float]] | None = None,
@@ -230,7 +233,7 @@ def _versions() -> dict[str, str]:
 
 
 def run(sizes: list[int], batch: int, rounds: int, inner: int = 10,
-        min_seconds: float = 0.0) -> dict:
+        min_seconds: float = MIN_ROUND_S) -> dict:
   results = {'date': datetime.date.today().isoformat(), 'cpu': common.cpu_info()[0],
              'cores': os.cpu_count(), 'devices': [str(d) for d in jax.devices()],
              'versions': _versions(), 'batch': batch, 'rounds': rounds, 'inner': inner,
@@ -341,7 +344,7 @@ def main() -> None:
   parser.add_argument('--inner', type=int, default=10,
                       help='consecutive batches per method and round: sustained throughput '
                            '(the first call of each round is also reported on its own)')
-  parser.add_argument('--min-round-s', type=float, default=0.4,
+  parser.add_argument('--min-round-s', type=float, default=MIN_ROUND_S,
                       help='and at least this many seconds per method and round: the same '
                            'window for every method (0: exactly --inner batches)')
   parser.add_argument('--json', default='', help='also write the results here')

@@ -300,9 +300,12 @@ def test_batchnorm_shard_map_equals_global_batch(num_devices):
 
 # ------------------------------------------------------------------- gradients
 
+PROJECTION_SEED = 123
+
+
 def _grads(layer, variables, x, **kwargs):
   """d/d(params, x) of a fixed random projection of the layer output."""
-  w = jnp.asarray(_rand(x.shape, seed=123))
+  w = jnp.asarray(_rand(x.shape, seed=PROJECTION_SEED))
 
   def f(params, x):
     out = layer.apply({**variables, 'params': params}, x, mutable=['batch_stats'], **kwargs)
@@ -358,7 +361,8 @@ def test_gradients_match_float64_formula_when_the_mean_dominates(which):
   variables = _set_affine(layer.init(jax.random.key(0), x, **kwargs), scale, bias)
   gp, gx = _grads(layer, variables, x, **kwargs)
   y = _np_norm(x, axes).astype(np.float64) * scale + bias
-  dx, dscale, dbias = _np_norm_grads(x, np.cos(y) * _rand(x.shape, seed=123), scale, axes)
+  upstream = np.cos(y) * _rand(x.shape, seed=PROJECTION_SEED)  # d/dy of _grads' projection
+  dx, dscale, dbias = _np_norm_grads(x, upstream, scale, axes)
   # float32 rounding of the forward's E[x^2] - E[x]^2 variance alone is 1e-5 to 3e-5 of the
   # largest gradient here.
   np.testing.assert_allclose(gx, dx, rtol=1e-3, atol=1e-4 * np.abs(dx).max())
