@@ -166,14 +166,18 @@ def phase_timings(args):
     fn_sync(fn())
     fn_sync(fn())
   times = collections.defaultdict(list)
+  faults = collections.Counter()
   for _ in range(args.iters):
     for label, (fn, fn_sync) in phases.items():
+      before = tt.minor_page_faults()
       times[label].append(tt.timed(fn, fn_sync))
+      faults[label] += tt.minor_page_faults() - before
   print(f'\n== phases ({args.impl}, {args.model}, {args.size}x{args.size}, width '
         f'{args.width}, batch {args.batch}; median of {args.iters}, interleaved) ==')
   for label, t in times.items():
     med = statistics.median(t)
-    print(f'  {label:34} {1e3 * med:9.1f} ms   {args.batch / med:7.2f} images/s')
+    print(f'  {label:34} {1e3 * med:9.1f} ms   {args.batch / med:7.2f} images/s   '
+          f'{faults[label] / args.iters:8.0f} page faults')
   return step
 
 

@@ -25,8 +25,9 @@ On a GPU, float32 convolutions use TF32 in both frameworks (their defaults). `--
 bfloat16` gives JAX bf16 activations (float32 parameters, statistics and optimizer) and
 PyTorch `torch.autocast(dtype=torch.bfloat16)`.
 
-XLA flags: the library's CPU defaults (`lvseg_jax.runtime.configure_xla_cpu`) are applied
-unless `--no-library-flags`; `--xla-flags='...'` appends more (both before JAX starts).
+Process defaults: the library's allocator settings and XLA CPU flags (`lvseg_jax.runtime`,
+as `main.py` applies them) unless `--no-library-flags`; `LVSEG_MALLOC_DEFAULTS=0` or
+`LVSEG_XLA_DEFAULTS=0` turns off one of the two; `--xla-flags='...'` appends more flags.
 """
 
 import argparse
@@ -77,17 +78,23 @@ def parse_args(argv=None):
 def add_xla_args(p: argparse.ArgumentParser) -> None:
   """The XLA options `setup_xla` reads, shared by the bench scripts that time JAX steps."""
   p.add_argument('--no-library-flags', action='store_true',
-                 help='do not apply lvseg_jax.runtime.configure_xla_cpu()')
+                 help="do not apply lvseg_jax.runtime's defaults (allocator, XLA flags)")
   p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
 
 
-def setup_xla(args):
-  """XLA flags must be in the environment before JAX initializes its CPU client."""
+def setup_xla(args) -> dict[str, int]:
+  """The library's process defaults, as main.py applies them (before JAX starts).
+
+  Returns the allocator settings applied.
+  """
+  malloc = {}
   if not args.no_library_flags:
     from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
+    malloc = runtime.configure_malloc()
     runtime.configure_xla_cpu()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
+  return malloc
 
 
 def model_config(name, width, depth, dtype='float32'):
@@ -168,6 +175,12 @@ def torch_device(requested: str) -> str:
   return 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
 
 
+def minor_page_faults() -> int:
+  """The process's minor page faults so far (pages the kernel mapped in on first touch)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, sync):
   t0 = time.perf_counter()
   out = fn()
@@ -201,7 +214,7 @@ def environment(device: str = 'cpu'):
 
 def main(argv=None):
   args = parse_args(argv)
-  setup_xla(args)
+  malloc = setup_xla(args)
   import jax  # pylint: disable=g-import-not-at-top
   device = ''
   if not args.no_torch:  # --no-torch runs where PyTorch is not installed
@@ -211,7 +224,7 @@ def main(argv=None):
     device = torch_device(args.torch_device)
     if device == 'cuda':
       torch.backends.cudnn.benchmark = True
-  env = environment(device)
+  env = {**environment(device), 'malloc': malloc}
   print(json.dumps(env))
   impls = [i for i in args.jax.split(',') if i]
   formats = ['channels_last'] if args.channels_last else [
@@ -251,16 +264,20 @@ def main(argv=None):
           for _ in range(args.warmup - 1):
             timed(fn, sync)
         times = {label: [] for label in runners}
+        faults = {label: 0 for label in runners}
         for _ in range(iters):                         # interleaved: load hits all alike
           for label, (fn, sync) in runners.items():
+            before = minor_page_faults()
             times[label].append(timed(fn, sync))
+            faults[label] += minor_page_faults() - before
         stat = min if args.stat == 'min' else statistics.median
         ips = {label: args.batch / stat(t) for label, t in times.items()}
         row = dict(model=name, size=size, width=width, batch=args.batch, iters=iters,
                    stat=args.stat,
                    dtype=args.dtype, augment=args.augment, images_per_s=ips,
                    step_ms={k: [round(1e3 * x, 1) for x in v] for k, v in times.items()},
-                   first_call_s=compile_s, loadavg=os.getloadavg())
+                   first_call_s=compile_s, loadavg=os.getloadavg(),
+                   page_faults_per_step={k: v / iters for k, v in faults.items()})
         # ratio: JAX / PyTorch NCHW (the default eager model); ratio_cl: / channels_last.
         for label, key in (('torch', 'ratio'), ('torch-cl', 'ratio_cl')):
           if label in ips:

@@ -1,6 +1,10 @@
-"""Tests for lvseg_jax.runtime: XLA CPU defaults are added, overridable and accepted by XLA."""
+"""Tests for lvseg_jax.runtime: XLA CPU defaults are added, overridable and accepted by XLA;
+the allocator defaults stop the page faults they are there for."""
 
+import json
 import os
+import platform
+import resource
 import subprocess
 import sys
 
@@ -102,3 +106,85 @@ def test_xla_accepts_defaults_and_convolutions_agree(tmp_path):
   for name in ('y', 'gx', 'gw'):
     scale = np.max(np.abs(b[name]))
     np.testing.assert_allclose(a[name], b[name], atol=1e-5 * scale, rtol=0, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- allocator
+
+def test_user_malloc_settings_are_read_from_both_environment_forms(monkeypatch):
+  for name in ('GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_',
+               'MALLOC_TRIM_THRESHOLD_'):
+    monkeypatch.delenv(name, raising=False)
+  assert runtime._user_malloc_settings() == set()  # pylint: disable=protected-access
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=4')
+  monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '1000000')
+  assert runtime._user_malloc_settings() == {'arena_max', 'trim_threshold'}  # pylint: disable=protected-access
+
+
+def test_malloc_defaults_disabled_by_environment(monkeypatch):
+  monkeypatch.setenv(runtime.MALLOC_DISABLE_ENV, 'off')
+  assert runtime.configure_malloc() == {}
+
+
+# A worker thread (as XLA's are) allocates, touches and frees a block larger than a glibc
+# thread heap (64 MB) five times; the kernel counts the pages it had to map in.
+_MALLOC_CHILD = r'''
+import ctypes, json, resource, sys, threading
+sys.path.insert(0, {repo!r})
+from lvseg_jax import runtime
+applied = runtime.configure_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = {size}
+faults = []
+def churn():
+  for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+worker = threading.Thread(target=churn)
+worker.start()
+worker.join()
+print(json.dumps(dict(applied=applied, faults=faults)))
+'''
+
+BLOCK_BYTES = 96 << 20
+
+
+def _malloc_child(env_update):
+  env = {k: v for k, v in os.environ.items()
+         if k not in (runtime.MALLOC_DISABLE_ENV, 'GLIBC_TUNABLES') and not k.startswith('MALLOC_')}
+  env.update(env_update)
+  proc = subprocess.run([sys.executable, '-c',
+                         _MALLOC_CHILD.format(repo=REPO_ROOT, size=BLOCK_BYTES)],
+                        env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _transparent_huge_pages_always() -> bool:
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      return '[always]' in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not (sys.platform.startswith('linux') and
+                         platform.libc_ver()[0] == 'glibc'), reason='glibc allocator only')
+def test_malloc_defaults_stop_page_faults_on_reused_large_blocks():
+  pages = BLOCK_BYTES // resource.getpagesize()
+  tuned = _malloc_child({})
+  assert tuned['applied'] == runtime.MALLOC_DEFAULTS
+  # After the first round the block comes back from the heap, already mapped.
+  assert max(tuned['faults'][1:]) < 0.01 * pages, tuned
+  plain = _malloc_child({runtime.MALLOC_DISABLE_ENV: '0'})
+  assert plain['applied'] == {}
+  if not _transparent_huge_pages_always():  # else the kernel maps 2 MB per fault
+    assert min(plain['faults'][1:]) > 0.5 * pages, plain
+  # A setting made in the environment wins over the default.
+  user = _malloc_child({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+  assert 'arena_max' not in user['applied'] and 'mmap_max' in user['applied']

@@ -1,0 +1,108 @@
+"""JAX and PyTorch train steps in separate processes, with and without the allocator defaults.
+
+`bench/train_throughput.py` times both frameworks interleaved in one process, so both run
+under the same process settings. `lvseg_jax.runtime.configure_malloc()` (applied by
+`main.py`) changes glibc's allocator for the whole process, which PyTorch's step gains from
+too. This script separates the two: every round runs four processes one after the other,
+
+  jax-lib     the lvseg_jax step as `main.py` runs it (allocator and XLA defaults);
+  jax-plain   the same step with glibc's default allocator (LVSEG_MALLOC_DEFAULTS=0);
+  torch       PyTorch eager as a PyTorch user runs it: default allocator, no JAX;
+  torch-lib   PyTorch eager under lvseg_jax's allocator settings,
+
+and reports, per model and width, the median images/s over rounds and the ratios
+jax-lib / torch (each as shipped), jax-lib / torch-lib (same allocator) and jax-plain / torch.
+
+  python bench/separate_processes.py --rounds 3 --out bench_out/separate    # ~20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = {  # label: (--jax value, allocator defaults on)
+    'jax-lib': ('after', True),
+    'jax-plain': ('after', False),
+    'torch': ('', False),
+    'torch-lib': ('', True),
+}
+RATIOS = (('jax-lib', 'torch'), ('jax-lib', 'torch-lib'), ('jax-plain', 'torch'))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--out', default='bench_out/separate', help='folder for the JSON of each run')
+  p.add_argument('--models', default='unet,unet_bn,lnu,ibu')
+  p.add_argument('--sizes', default='128')
+  p.add_argument('--widths', default='16,32')
+  p.add_argument('--iters', type=int, default=8)
+  return p.parse_args(argv)
+
+
+def run_once(label: str, args, path: str) -> None:
+  jax_impl, malloc = RUNS[label]
+  cmd = [sys.executable, os.path.join(HERE, 'train_throughput.py'), '--jax', jax_impl,
+         '--models', args.models, '--sizes', args.sizes, '--widths', args.widths,
+         '--iters', str(args.iters), '--iters-256', str(args.iters), '--json', path]
+  if jax_impl:
+    cmd.append('--no-torch')
+  env = {**os.environ, 'LVSEG_MALLOC_DEFAULTS': '1' if malloc else '0'}
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def images_per_s(path: str) -> dict[tuple[str, int, int], float]:
+  with open(path) as f:
+    results = json.load(f)['results']
+  return {(r['model'], r['size'], r['width']): next(iter(r['images_per_s'].values()))
+          for r in results}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  ips = collections.defaultdict(lambda: collections.defaultdict(list))
+  faults = {}
+  for rnd in range(1, args.rounds + 1):
+    for label in RUNS:
+      path = os.path.join(args.out, f'{label}_r{rnd}.json')
+      run_once(label, args, path)
+      for key, value in images_per_s(path).items():
+        ips[key][label].append(value)
+      with open(path) as f:
+        faults[label] = [next(iter(r['page_faults_per_step'].values()))
+                         for r in json.load(f)['results']]
+      print(f'round {rnd} {label:9} done; load {os.getloadavg()[0]:.1f}', flush=True)
+  print(f'\nimages/s, median over {args.rounds} rounds (per round in brackets)')
+  header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in RUNS)
+  header += ' ' + ' '.join(f'{a + "/" + b:>20}' for a, b in RATIOS)
+  print(header)
+  summary = []
+  for key, per_label in ips.items():
+    med = {label: statistics.median(v) for label, v in per_label.items()}
+    ratios = {f'{a}/{b}': med[a] / med[b] for a, b in RATIOS}
+    per_round = {f'{a}/{b}': [x / y for x, y in zip(per_label[a], per_label[b])]
+                 for a, b in RATIOS}
+    summary.append(dict(model=key[0], size=key[1], width=key[2], images_per_s=per_label,
+                        median=med, ratio_of_medians=ratios, ratio_per_round=per_round))
+    print(f'{key[0]:8} {key[1]:4d} {key[2]:5d} ' +
+          ' '.join(f'{med[l]:10.2f}' for l in RUNS) + ' ' +
+          ' '.join(f'{ratios[k]:8.2f} [{" ".join(f"{x:.2f}" for x in per_round[k])}]'
+                   .rjust(20) for k in ratios))
+  print('\nminor page faults per step in the last round, per model/width:')
+  for label, values in faults.items():
+    print(f'  {label:9} ' + ' '.join(f'{v:.0f}' for v in values))
+  with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+    json.dump({'args': vars(args), 'results': summary, 'page_faults_last_round': faults}, f,
+              indent=1)
+
+
+if __name__ == '__main__':
+  main()
