@@ -32,8 +32,9 @@ heap (`M_ARENA_MAX=1`: other arenas hand blocks over 64 MB to `mmap` whatever `M
 says), serve large blocks from it (`M_MMAP_MAX=0`) and keep freed memory there for reuse
 (`M_TRIM_THRESHOLD` at its maximum). No page faults after the first steps, and the step is
 2-8% faster (docs/BENCHMARKS.md, "Sixth run"). The cost: the process keeps its peak heap until
-it exits. Call it before other threads start allocating (before JAX runs anything). Settings
-made through `GLIBC_TUNABLES` or glibc's `MALLOC_*_` variables win, and
+it exits. Only for CPU runs (no JAX GPU/TPU plugin installed, or JAX_PLATFORMS=cpu), where it
+was measured. Call it before other threads start allocating (before JAX runs anything).
+Settings made through `GLIBC_TUNABLES` or glibc's `MALLOC_*_` variables win, and
 `LVSEG_MALLOC_DEFAULTS=0` turns the defaults off.
 """
 
@@ -76,17 +77,38 @@ def _user_malloc_settings() -> set[str]:
           if f'glibc.malloc.{name}' in named or _MALLOC_ENV_ALIAS[name] in os.environ}
 
 
+def _accelerator_plugins() -> list[str]:
+  """Installed JAX GPU/TPU plugin distributions (JAX would run on an accelerator)."""
+  names = {(d.metadata['Name'] or '').lower().replace('_', '-')
+           for d in metadata.distributions()}
+  return sorted(n for n in names if n.startswith(('jax-cuda', 'jax-rocm', 'libtpu')))
+
+
+def _runs_on_cpu() -> bool:
+  """Whether JAX will run on the CPU: JAX_PLATFORMS says only cpu, or no plugin is installed."""
+  platforms = {p.strip() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()}
+  if platforms:
+    return platforms == {'cpu'}
+  return not _accelerator_plugins()
+
+
 def configure_malloc() -> dict[str, int]:
   """Applies lvseg_jax's glibc allocator defaults to this process; returns those applied.
 
-  Nothing is changed off Linux/glibc, when LVSEG_MALLOC_DEFAULTS is 0/false/no/off, or for a
-  setting the environment already makes (`GLIBC_TUNABLES`, `MALLOC_*_`). The settings hold for
-  the rest of the process; calling again applies them again.
+  Nothing is changed off Linux/glibc, where JAX will run on a GPU or TPU (an accelerator
+  plugin is installed and JAX_PLATFORMS is not `cpu`: the defaults were measured on the CPU
+  only), when LVSEG_MALLOC_DEFAULTS is 0/false/no/off, or for a setting the environment already
+  makes (`GLIBC_TUNABLES`, `MALLOC_*_`). The settings hold for the rest of the process; calling
+  again applies them again.
   """
   if _disabled(MALLOC_DISABLE_ENV):
     return {}
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     logging.info('lvseg_jax: allocator defaults not applied: not Linux with glibc.')
+    return {}
+  if not _runs_on_cpu():
+    logging.info('lvseg_jax: allocator defaults not applied: JAX runs on an accelerator '
+                 '(%s); they were measured on the CPU.', _accelerator_plugins() or 'JAX_PLATFORMS')
     return {}
   mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

@@ -125,6 +125,21 @@ def test_malloc_defaults_disabled_by_environment(monkeypatch):
   assert runtime.configure_malloc() == {}
 
 
+@pytest.mark.parametrize('platforms, plugins, on_cpu', [
+    ('', [], True),
+    ('', ['jax-cuda12-plugin'], False),
+    ('cpu', ['jax-cuda12-plugin'], True),
+    ('cuda,cpu', [], False),
+])
+def test_malloc_defaults_only_for_cpu_runs(monkeypatch, platforms, plugins, on_cpu):
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  monkeypatch.setattr(runtime, '_accelerator_plugins', lambda: plugins)
+  assert runtime._runs_on_cpu() == on_cpu  # pylint: disable=protected-access
+  if not on_cpu:  # returns before calling mallopt, so safe in this process
+    monkeypatch.delenv(runtime.MALLOC_DISABLE_ENV, raising=False)
+    assert runtime.configure_malloc() == {}
+
+
 # A worker thread (as XLA's are) allocates, touches and frees a block larger than a glibc
 # thread heap (64 MB) five times; the kernel counts the pages it had to map in.
 _MALLOC_CHILD = r'''
@@ -157,7 +172,7 @@ BLOCK_BYTES = 96 << 20
 def _malloc_child(env_update):
   env = {k: v for k, v in os.environ.items()
          if k not in (runtime.MALLOC_DISABLE_ENV, 'GLIBC_TUNABLES') and not k.startswith('MALLOC_')}
-  env.update(env_update)
+  env.update(env_update, JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c',
                          _MALLOC_CHILD.format(repo=REPO_ROOT, size=BLOCK_BYTES)],
                         env=env, capture_output=True, text=True, timeout=120, check=False)
