@@ -30,7 +30,7 @@ maps and zero-fills every page again each step: 43,000 page faults and ~85 ms of
 per ~300 ms step on the 2-core benchmark machine. The defaults keep every thread on the main
 heap (`M_ARENA_MAX=1`: other arenas hand blocks over 64 MB to `mmap` whatever `M_MMAP_MAX`
 says), serve large blocks from it (`M_MMAP_MAX=0`) and keep freed memory there for reuse
-(`M_TRIM_THRESHOLD` at its maximum). No page faults after the first steps, and the step is
+(`M_TRIM_THRESHOLD=-1`: no trimming). No page faults after the first steps, and the step is
 2-8% faster (docs/BENCHMARKS.md, "Sixth run"). The cost: the process keeps its peak heap until
 it exits. Only for CPU runs (no JAX GPU/TPU plugin installed, or JAX_PLATFORMS=cpu), where it
 was measured. Call it before other threads start allocating (before JAX runs anything).
@@ -56,7 +56,7 @@ DISABLE_ENV = 'LVSEG_XLA_DEFAULTS'
 MALLOC_DEFAULTS: dict[str, int] = {
     'arena_max': 1,
     'mmap_max': 0,
-    'trim_threshold': 2**31 - 1,  # mallopt takes an int
+    'trim_threshold': -1,  # never give the heap's top back to the kernel
 }
 # mallopt parameter numbers (glibc's malloc.h) and the older environment variables.
 _MALLOPT_PARAM = {'trim_threshold': -1, 'mmap_max': -4, 'arena_max': -8}
