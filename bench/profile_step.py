@@ -169,9 +169,9 @@ def phase_timings(args):
   faults = collections.Counter()
   for _ in range(args.iters):
     for label, (fn, fn_sync) in phases.items():
-      before = tt.minor_page_faults()
-      times[label].append(tt.timed(fn, fn_sync))
-      faults[label] += tt.minor_page_faults() - before
+      seconds, step_faults = tt.timed_with_faults(fn, fn_sync)
+      times[label].append(seconds)
+      faults[label] += step_faults
   print(f'\n== phases ({args.impl}, {args.model}, {args.size}x{args.size}, width '
         f'{args.width}, batch {args.batch}; median of {args.iters}, interleaved) ==')
   for label, t in times.items():

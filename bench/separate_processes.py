@@ -58,11 +58,13 @@ def run_once(label: str, args, path: str) -> None:
   subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def images_per_s(path: str) -> dict[tuple[str, int, int], float]:
+def read_run(path: str) -> tuple[dict[tuple[str, int, int], float], list[float]]:
+  """Images/s per (model, size, width), and page faults per step in row order, of one run."""
   with open(path) as f:
     results = json.load(f)['results']
-  return {(r['model'], r['size'], r['width']): next(iter(r['images_per_s'].values()))
-          for r in results}
+  ips = {(r['model'], r['size'], r['width']): next(iter(r['images_per_s'].values()))
+         for r in results}
+  return ips, [next(iter(r['page_faults_per_step'].values())) for r in results]
 
 
 def main(argv=None):
@@ -74,11 +76,9 @@ def main(argv=None):
     for label in RUNS:
       path = os.path.join(args.out, f'{label}_r{rnd}.json')
       run_once(label, args, path)
-      for key, value in images_per_s(path).items():
+      run_ips, faults[label] = read_run(path)
+      for key, value in run_ips.items():
         ips[key][label].append(value)
-      with open(path) as f:
-        faults[label] = [next(iter(r['page_faults_per_step'].values()))
-                         for r in json.load(f)['results']]
       print(f'round {rnd} {label:9} done; load {os.getloadavg()[0]:.1f}', flush=True)
   print(f'\nimages/s, median over {args.rounds} rounds (per round in brackets)')
   header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in RUNS)

@@ -188,6 +188,13 @@ def timed(fn, sync):
   return time.perf_counter() - t0
 
 
+def timed_with_faults(fn, sync) -> tuple[float, int]:
+  """`timed`, and the minor page faults the call took."""
+  before = minor_page_faults()
+  seconds = timed(fn, sync)
+  return seconds, minor_page_faults() - before
+
+
 def environment(device: str = 'cpu'):
   """Machine and versions; `device=''` leaves PyTorch out (it need not be installed)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -267,9 +274,9 @@ def main(argv=None):
         faults = {label: 0 for label in runners}
         for _ in range(iters):                         # interleaved: load hits all alike
           for label, (fn, sync) in runners.items():
-            before = minor_page_faults()
-            times[label].append(timed(fn, sync))
-            faults[label] += minor_page_faults() - before
+            seconds, step_faults = timed_with_faults(fn, sync)
+            times[label].append(seconds)
+            faults[label] += step_faults
         stat = min if args.stat == 'min' else statistics.median
         ips = {label: args.batch / stat(t) for label, t in times.items()}
         row = dict(model=name, size=size, width=width, batch=args.batch, iters=iters,

@@ -33,8 +33,9 @@ says), serve large blocks from it (`M_MMAP_MAX=0`) and keep freed memory there f
 (`M_TRIM_THRESHOLD=-1`: no trimming). No page faults after the first steps, and the step is
 2-8% faster (docs/BENCHMARKS.md, "Sixth run"). The cost: the process keeps its peak heap until
 it exits, and the heap can grow in steps when freed blocks no longer line up (measured: 1.19 to
-1.53 GB over 600 steps at 128x128, flat from step 300). Only for CPU runs (no JAX GPU/TPU plugin installed, or JAX_PLATFORMS=cpu), where it
-was measured. Call it before other threads start allocating (before JAX runs anything).
+1.53 GB over 600 steps at 128x128, flat from step 300). Only for CPU runs (no JAX GPU/TPU
+plugin installed, or JAX_PLATFORMS=cpu), where it was measured. Call it before other threads
+start allocating (before JAX runs anything).
 Settings made through `GLIBC_TUNABLES` or glibc's `MALLOC_*_` variables win, and
 `LVSEG_MALLOC_DEFAULTS=0` turns the defaults off.
 """
@@ -85,12 +86,16 @@ def _accelerator_plugins() -> list[str]:
   return sorted(n for n in names if n.startswith(('jax-cuda', 'jax-rocm', 'libtpu')))
 
 
-def _runs_on_cpu() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS says only cpu, or no plugin is installed."""
+def _accelerator_reason() -> str | None:
+  """Why JAX will run on a GPU/TPU, or None where it runs on the CPU.
+
+  JAX_PLATFORMS decides when set; otherwise an installed accelerator plugin does.
+  """
   platforms = {p.strip() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()}
   if platforms:
-    return platforms == {'cpu'}
-  return not _accelerator_plugins()
+    return None if platforms == {'cpu'} else f'JAX_PLATFORMS={",".join(sorted(platforms))}'
+  plugins = _accelerator_plugins()
+  return f'{", ".join(plugins)} installed' if plugins else None
 
 
 def configure_malloc() -> dict[str, int]:
@@ -107,9 +112,10 @@ def configure_malloc() -> dict[str, int]:
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     logging.info('lvseg_jax: allocator defaults not applied: not Linux with glibc.')
     return {}
-  if not _runs_on_cpu():
+  accelerator = _accelerator_reason()
+  if accelerator:
     logging.info('lvseg_jax: allocator defaults not applied: JAX runs on an accelerator '
-                 '(%s); they were measured on the CPU.', _accelerator_plugins() or 'JAX_PLATFORMS')
+                 '(%s); they were measured on the CPU.', accelerator)
     return {}
   mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

@@ -134,7 +134,7 @@ def test_malloc_defaults_disabled_by_environment(monkeypatch):
 def test_malloc_defaults_only_for_cpu_runs(monkeypatch, platforms, plugins, on_cpu):
   monkeypatch.setenv('JAX_PLATFORMS', platforms)
   monkeypatch.setattr(runtime, '_accelerator_plugins', lambda: plugins)
-  assert runtime._runs_on_cpu() == on_cpu  # pylint: disable=protected-access
+  assert (runtime._accelerator_reason() is None) == on_cpu  # pylint: disable=protected-access
   if not on_cpu:  # returns before calling mallopt, so safe in this process
     monkeypatch.delenv(runtime.MALLOC_DISABLE_ENV, raising=False)
     assert runtime.configure_malloc() == {}
