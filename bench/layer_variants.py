@@ -17,7 +17,12 @@ milliseconds that follows (docs/BENCHMARKS.md): run with `OMP_WAIT_POLICY=passiv
   *different* function (so not a drop-in change to the paper's networks); PyTorch
   `ConvTranspose2d` and `Upsample` + `Conv2d`.
 
+* Kernel gradient (`--parts kernel_grad`): XLA's own weight gradient of each 3x3 convolution
+  of the U-Net against the swapped form in `lvseg_jax.models` (the output gradient as the
+  convolution's input), with the form the library picks for that layer.
+
   python bench/layer_variants.py                         # 128, widths 16 and 32, ~2 min
+  python bench/layer_variants.py --parts kernel_grad --no-torch
   python bench/layer_variants.py --sizes 128,256 --json=/tmp/layers.json
 
 The library's XLA CPU defaults (`lvseg_jax.runtime`) apply unless `--no-library-flags`.
@@ -90,6 +95,32 @@ def jax_conv_runners(batch: int, size: int, cin: int, cout: int, layout: str,
   both = jax.jit(jax.value_and_grad(loss, (0, 1)))
   return {'fwd': lambda: fwd(x, w), 'dx': lambda: dx(x, w), 'dw': lambda: dw(x, w),
           'fwd+bwd': lambda: both(x, w)}
+
+
+def jax_kernel_grad_runners(batch: int, size: int, cin: int, cout: int,
+                            ) -> dict[str, dict[str, Callable]]:
+  """The kernel gradient of one 3x3 'SAME' NHWC convolution: XLA's and the swapped form."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvseg_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
+  same = ((1, 1), (1, 1))
+  convs = {
+      'XLA kernel grad': lambda x, w: jax.lax.conv_general_dilated(
+          x, w, (1, 1), same, dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+      'swapped kernel grad': lambda x, w: models._conv_swapped_kernel_grad(  # pylint: disable=protected-access
+          x, w, same, None),
+  }
+  runners = {}
+  for name, conv in convs.items():
+    # x and g are arguments: the kernel gradient does not depend on w, so XLA would fold it.
+    dw = jax.jit(jax.grad(lambda w, x, g, conv=conv: jnp.sum(conv(x, w) * g)))
+    runners[name] = {'dw': lambda dw=dw: dw(w, x, g)}
+  return runners
 
 
 def jax_upsample_runners(batch: int, size: int, width: int, variant: str) -> dict[str, Callable]:
@@ -242,6 +273,27 @@ def main(argv=None):
           _print(title, result)
           results.append({'part': 'layout', 'size': level, 'width': width, 'cin': cin,
                           'cout': cout, 'ms': result, 'loadavg': os.getloadavg()})
+      if 'kernel_grad' in parts:
+        from lvseg_jax import models  # pylint: disable=g-import-not-at-top
+        shapes = []
+        for k in range(5):   # every 3x3 convolution of a depth-4 U-Net, by level
+          features = width * 2**k
+          shapes += [(size // 2**k, features // 2 if k else 1, features), (size // 2**k, features,
+                                                                          features)]
+          if k < 4:
+            shapes.append((size // 2**k, 2 * features, features))   # decoder, after the concat
+        for level, cin, cout in shapes:
+          runners = jax_kernel_grad_runners(args.batch, level, cin, cout)
+          rows = {f'JAX {name}': (fns, _jax_sync) for name, fns in runners.items()}
+          picked = ('swapped' if models._swapped_kernel_grad_pays(cin, cout)  # pylint: disable=protected-access
+                    else 'XLA')
+          title = (f'conv3x3 kernel gradient {args.batch}x{level}x{level}x{cin} -> {cout} '
+                   f'(width {width}; the library uses: {picked})')
+          result = measure(rows, args.iters, args.warmup)
+          _print(title, result)
+          results.append({'part': 'kernel_grad', 'size': level, 'width': width, 'cin': cin,
+                          'cout': cout, 'library': picked, 'ms': result,
+                          'loadavg': os.getloadavg()})
       if 'upsample' in parts:
         rows = {}
         for variant in ('ConvTranspose (lax.conv_transpose)', 'UpConv2x2 (matmul, library)',

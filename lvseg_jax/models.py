@@ -17,14 +17,19 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
     pixel and a depth-to-space (XLA CPU otherwise runs the input-dilated convolution and its
     weight gradient with a naive loop emitter);
   * `max_pool_2x2` as a reshape + max whose gradient goes to the first maximum of each window,
-    like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter).
+    like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter);
+  * `conv_general_dilated`, the 3x3 convolutions' kernel gradient computed with the roles of
+    input and output gradient swapped where the layer has few output channels.
 """
+
+import functools
 
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_collections
 
 from lvseg_jax import norms
@@ -73,6 +78,81 @@ def _max_pool_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+# XLA:CPU computes a convolution's kernel gradient as a convolution whose output features are
+# the layer's output channels; with 16 or fewer of them its matrix kernel runs narrow, and the
+# same gradient computed as a convolution over the layer's input channels is 1.2-3.6x faster
+# when those are more (docs/BENCHMARKS.md, "Seventh run"). With 32 output channels it is slower.
+_NARROW_OUTPUT_CHANNELS = 16
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _swapped_kernel_grad_pays(in_channels: int, out_channels: int) -> bool:
+  return out_channels <= _NARROW_OUTPUT_CHANNELS and out_channels < in_channels
+
+
+def _conv_nhwc(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...],
+               precision: Any) -> Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC_HWIO,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_swapped_kernel_grad(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...],
+                              precision: Any) -> Array:
+  """A stride-1 NHWC convolution whose kernel gradient contracts over the output gradient."""
+  return _conv_nhwc(x, kernel, padding, precision)
+
+
+def _conv_swapped_fwd(x, kernel, padding, precision):
+  return _conv_nhwc(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_swapped_bwd(padding, precision, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda a: _conv_nhwc(a, kernel, padding, precision), x)
+  (dx,) = input_vjp(dy)
+  # dkernel[p, q, i, o] = sum_{n,h,w} x[n, h + p - lo_h, w + q - lo_w, i] dy[n, h, w, o]: a
+  # convolution of the padded dy (batch: the output channels o; features: the samples n) with
+  # x as its window (in: n, out: i), whose output taps come out flipped.
+  kernel_size = kernel.shape[:2]
+  swapped_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_size, padding))
+  grad = lax.conv_general_dilated(dy, x, (1, 1), swapped_padding,
+                                  dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
+                                  precision=precision)
+  dkernel = jnp.transpose(grad[:, ::-1, ::-1, :], (1, 2, 3, 0))
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_conv_swapped_kernel_grad.defvjp(_conv_swapped_fwd, _conv_swapped_bwd)
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision: Any = None) -> Array:
+  """`lax.conv_general_dilated` (for `nn.Conv(conv_general_dilated=...)`), same values.
+
+  On the CPU backend, a plain stride-1 2-D NHWC convolution with at most 16 output channels,
+  fewer than its input channels, gets the swapped kernel gradient above; everything else goes
+  to `lax.conv_general_dilated` unchanged.
+  """
+  plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
+                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                            dimension_numbers=dimension_numbers,
+                            feature_group_count=feature_group_count, precision=precision)
+  if (lhs.ndim != 4 or jax.default_backend() != 'cpu' or feature_group_count != 1
+      or any(s != 1 for s in window_strides)
+      or any(d != 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
+      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+      or not _swapped_kernel_grad_pays(rhs.shape[2], rhs.shape[3])):
+    return plain()
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_swapped_kernel_grad(lhs, rhs, padding, precision)
+
+
 class UpConv2x2(nn.Module):
   """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` (padding 'SAME') as a matmul.
 
@@ -116,7 +196,8 @@ class ConvBlock(nn.Module):
     for i in range(2):
       # A bias before a normalization with its own bias is redundant.
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none',
-                  dtype=self.dtype, name=f'conv{i}')(x)
+                  dtype=self.dtype, conv_general_dilated=conv_general_dilated,
+                  name=f'conv{i}')(x)
       norm = norm_cls(name=f'norm{i}', **kwargs)
       if self.norm in norms.STATEFUL_NORMS:
         x = norm(x, use_running_average=not train)

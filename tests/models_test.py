@@ -204,3 +204,60 @@ def test_fast_pool_and_upconv_equal_flax_layers_in_value_and_gradient():
   g_ref = jax.grad(lambda v, a: jnp.sum(ref.apply(v, a) * wy), argnums=(0, 1))(variables, x)
   for a, b in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _np_conv_kernel_grad(x, dy, kernel_size, padding):
+  """dK[p, q, i, o] = sum over n, h, w of xpad[n, h + p, w + q, i] * dy[n, h, w, o]."""
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  xpad = np.pad(x.astype(np.float64), ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+  _, h, w, _ = dy.shape
+  return np.stack([np.stack([np.einsum('nhwi,nhwo->io', xpad[:, p:p + h, q:q + w], dy)
+                             for q in range(kernel_size[1])]) for p in range(kernel_size[0])])
+
+
+@pytest.mark.parametrize('in_ch,out_ch,padding,swapped', [
+    (6, 4, 'SAME', True),              # few output channels, more input channels
+    (20, 16, ((0, 2), (2, 0)), True),  # asymmetric explicit padding
+    (5, 3, 'VALID', True),
+    (4, 6, 'SAME', False),             # more output than input channels: XLA's own gradient
+    (40, 32, 'SAME', False),           # more than 16 output channels
+])
+def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, swapped):
+  """`models.conv_general_dilated` in nn.Conv: same output, input and kernel gradients as
+  lax's convolution, and the kernel gradient against a NumPy sum over shifted windows."""
+  rng = np.random.default_rng(in_ch)
+  x = rng.normal(size=(3, 9, 7, in_ch)).astype(np.float32)
+  plain = nn.Conv(out_ch, (3, 3), padding=padding)
+  custom = nn.Conv(out_ch, (3, 3), padding=padding,
+                   conv_general_dilated=models.conv_general_dilated)
+  variables = plain.init(jax.random.key(0), x)
+  out = plain.apply(variables, x)
+  dy = rng.normal(size=out.shape).astype(np.float32)
+  loss = lambda module: lambda v, a: jnp.sum(module.apply(v, a) * dy)
+  np.testing.assert_allclose(custom.apply(variables, x), out, rtol=1e-5, atol=1e-5)
+  g_custom = jax.grad(loss(custom), argnums=(0, 1))(variables, x)
+  g_plain = jax.grad(loss(plain), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_custom), jax.tree_util.tree_leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  pads = jax.lax.padtype_to_pads((9, 7), (3, 3), (1, 1), padding) if isinstance(
+      padding, str) else padding
+  np.testing.assert_allclose(g_custom[0]['params']['kernel'],
+                             _np_conv_kernel_grad(x, dy, (3, 3), pads), rtol=1e-4, atol=1e-4)
+  jaxpr = str(jax.make_jaxpr(loss(custom))(variables, x))
+  assert ('custom_vjp' in jaxpr) == swapped
+
+
+def test_swapped_kernel_gradient_keeps_bfloat16_and_strided_convs_fall_back():
+  x = jnp.ones((2, 8, 8, 8), jnp.bfloat16)
+  conv = nn.Conv(4, (3, 3), padding='SAME', dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 conv_general_dilated=models.conv_general_dilated)
+  variables = conv.init(jax.random.key(0), x)
+  grads = jax.grad(lambda v: jnp.sum(conv.apply(v, x).astype(jnp.float32)))(variables)
+  assert grads['params']['kernel'].dtype == jnp.float32
+  assert conv.apply(variables, x).dtype == jnp.bfloat16
+  strided = nn.Conv(4, (3, 3), strides=2, conv_general_dilated=models.conv_general_dilated)
+  jaxpr = str(jax.make_jaxpr(lambda v: strided.apply(v, x.astype(jnp.float32)))(variables))
+  assert 'custom_vjp' not in jaxpr
+  np.testing.assert_allclose(
+      strided.apply(variables, x.astype(jnp.float32)),
+      nn.Conv(4, (3, 3), strides=2).apply(variables, x.astype(jnp.float32)), rtol=1e-6)

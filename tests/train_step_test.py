@@ -57,6 +57,29 @@ def test_per_sample_losses_match_numpy():
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
+def test_loss_gradient_matches_finite_differences():
+  """The gradient the train step uses, against central differences of the NumPy loss."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 2, (2, 6, 7, 2))
+  masks = (rng.random((2, 6, 7)) < 0.4).astype(np.int32)
+
+  def np_total(x):
+    ce, dice_loss, _ = _np_losses(x, masks)
+    return float(np.sum(ce + dice_loss))
+
+  def jax_total(x):
+    ce, dice_loss, _ = train.per_sample_losses(x, jnp.asarray(masks))
+    return jnp.sum(ce + dice_loss)
+
+  got = np.asarray(jax.grad(jax_total)(jnp.asarray(logits, jnp.float32)))
+  eps = 1e-6
+  for index in zip(*(rng.integers(0, n, 25) for n in logits.shape)):
+    step = np.zeros_like(logits)
+    step[index] = eps
+    expected = (np_total(logits + step) - np_total(logits - step)) / (2 * eps)
+    np.testing.assert_allclose(got[index], expected, rtol=1e-3, atol=1e-6, err_msg=str(index))
+
+
 def test_padded_samples_do_not_change_the_loss():
   config = _config('lnu')
   model = models.get_model(config.model)
