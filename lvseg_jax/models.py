@@ -18,7 +18,7 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
     weight gradient with a naive loop emitter);
   * `max_pool_2x2` as a reshape + max whose gradient goes to the first maximum of each window,
     like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter);
-  * `conv_general_dilated`, the 3x3 convolutions' kernel gradient computed with the roles of
+  * `conv_general_dilated`, the convolutions' kernel gradient computed with the roles of
     input and output gradient swapped where the layer has few output channels.
 """
 
@@ -133,8 +133,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
   """`lax.conv_general_dilated` (for `nn.Conv(conv_general_dilated=...)`), same values.
 
   On the CPU backend, a plain stride-1 2-D NHWC convolution with at most 16 output channels,
-  fewer than its input channels, gets the swapped kernel gradient above; everything else goes
-  to `lax.conv_general_dilated` unchanged.
+  fewer than its input channels (the 32 -> 16 decoder convolution at width 16, the 1x1 head),
+  gets the swapped kernel gradient above; everything else goes to `lax.conv_general_dilated`
+  unchanged.
   """
   plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -261,7 +262,8 @@ class UNet(nn.Module):
       x = UpConv2x2(features, dtype=self.dtype, name=f'upconv{level}')(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = self._block(self.depth + 1 + i, features, f'up{level}')(x, train)
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                     conv_general_dilated=conv_general_dilated, name='head')(x)
     return logits.astype(jnp.float32)
 
 

@@ -215,20 +215,21 @@ def _np_conv_kernel_grad(x, dy, kernel_size, padding):
                              for q in range(kernel_size[1])]) for p in range(kernel_size[0])])
 
 
-@pytest.mark.parametrize('in_ch,out_ch,padding,swapped', [
-    (6, 4, 'SAME', True),              # few output channels, more input channels
-    (20, 16, ((0, 2), (2, 0)), True),  # asymmetric explicit padding
-    (5, 3, 'VALID', True),
-    (4, 6, 'SAME', False),             # more output than input channels: XLA's own gradient
-    (40, 32, 'SAME', False),           # more than 16 output channels
+@pytest.mark.parametrize('in_ch,out_ch,padding,swapped,size', [
+    (6, 4, 'SAME', True, 3),              # few output channels, more input channels
+    (20, 16, ((0, 2), (2, 0)), True, 3),  # asymmetric explicit padding
+    (5, 3, 'VALID', True, 3),
+    (16, 2, 'SAME', True, 1),             # the 1x1 head
+    (4, 6, 'SAME', False, 3),             # more output than input channels: XLA's own gradient
+    (40, 32, 'SAME', False, 3),           # more than 16 output channels
 ])
-def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, swapped):
+def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, swapped, size):
   """`models.conv_general_dilated` in nn.Conv: same output, input and kernel gradients as
   lax's convolution, and the kernel gradient against a NumPy sum over shifted windows."""
   rng = np.random.default_rng(in_ch)
   x = rng.normal(size=(3, 9, 7, in_ch)).astype(np.float32)
-  plain = nn.Conv(out_ch, (3, 3), padding=padding)
-  custom = nn.Conv(out_ch, (3, 3), padding=padding,
+  plain = nn.Conv(out_ch, (size, size), padding=padding)
+  custom = nn.Conv(out_ch, (size, size), padding=padding,
                    conv_general_dilated=models.conv_general_dilated)
   variables = plain.init(jax.random.key(0), x)
   out = plain.apply(variables, x)
@@ -239,10 +240,11 @@ def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, sw
   g_plain = jax.grad(loss(plain), argnums=(0, 1))(variables, x)
   for a, b in zip(jax.tree_util.tree_leaves(g_custom), jax.tree_util.tree_leaves(g_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  pads = jax.lax.padtype_to_pads((9, 7), (3, 3), (1, 1), padding) if isinstance(
+  pads = jax.lax.padtype_to_pads((9, 7), (size, size), (1, 1), padding) if isinstance(
       padding, str) else padding
   np.testing.assert_allclose(g_custom[0]['params']['kernel'],
-                             _np_conv_kernel_grad(x, dy, (3, 3), pads), rtol=1e-4, atol=1e-4)
+                             _np_conv_kernel_grad(x, dy, (size, size), pads),
+                             rtol=1e-4, atol=1e-4)
   jaxpr = str(jax.make_jaxpr(loss(custom))(variables, x))
   assert ('custom_vjp' in jaxpr) == swapped
 
