@@ -277,11 +277,11 @@ def main(argv=None):
         from lvseg_jax import models  # pylint: disable=g-import-not-at-top
         shapes = []
         for k in range(5):   # every 3x3 convolution of a depth-4 U-Net, by level
-          features = width * 2**k
-          shapes += [(size // 2**k, features // 2 if k else 1, features), (size // 2**k, features,
-                                                                          features)]
+          level, features = size // 2**k, width * 2**k
+          shapes.append((level, features // 2 if k else 1, features))
+          shapes.append((level, features, features))
           if k < 4:
-            shapes.append((size // 2**k, 2 * features, features))   # decoder, after the concat
+            shapes.append((level, 2 * features, features))   # decoder, after the concat
         for level, cin, cout in shapes:
           runners = jax_kernel_grad_runners(args.batch, level, cin, cout)
           rows = {f'JAX {name}': (fns, _jax_sync) for name, fns in runners.items()}

@@ -23,7 +23,6 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
 """
 
 import functools
-
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -81,7 +80,8 @@ max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 # XLA:CPU computes a convolution's kernel gradient as a convolution whose output features are
 # the layer's output channels; with 16 or fewer of them its matrix kernel runs narrow, and the
 # same gradient computed as a convolution over the layer's input channels is 1.2-3.6x faster
-# when those are more (docs/BENCHMARKS.md, "Seventh run"). With 32 output channels it is slower.
+# when those are more (docs/BENCHMARKS.md, "Seventh run"). With 32 or more output channels
+# neither form wins consistently, so those stay with XLA's.
 _NARROW_OUTPUT_CHANNELS = 16
 _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 
@@ -143,7 +143,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
                             feature_group_count=feature_group_count, precision=precision)
   if (lhs.ndim != 4 or jax.default_backend() != 'cpu' or feature_group_count != 1
       or any(s != 1 for s in window_strides)
-      or any(d != 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
+      or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
       or not _swapped_kernel_grad_pays(rhs.shape[2], rhs.shape[3])):
