@@ -246,7 +246,8 @@ def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, sw
                              _np_conv_kernel_grad(x, dy, (size, size), pads),
                              rtol=1e-4, atol=1e-4)
   jaxpr = str(jax.make_jaxpr(loss(custom))(variables, x))
-  assert ('custom_vjp' in jaxpr) == swapped
+  # Only XLA:CPU gets the swapped form (it was measured there); elsewhere lax's own gradient.
+  assert ('custom_vjp' in jaxpr) == (swapped and jax.default_backend() == 'cpu')
 
 
 def test_swapped_kernel_gradient_keeps_bfloat16_and_strided_convs_fall_back():
