@@ -33,10 +33,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Before anything below runs JAX: XLA reads its flags when JAX creates its backends, and
-  # the allocator settings must come before JAX's threads allocate.
-  runtime.configure_malloc()
-  runtime.configure_xla_cpu()
+  runtime.configure_process()   # before anything below runs JAX
   config = FLAGS.config
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()

@@ -54,8 +54,7 @@ def main() -> None:
   parser.add_argument('--size', type=int, default=128)
   parser.add_argument('--batch', type=int, default=32)
   args = parser.parse_args()
-  runtime.configure_malloc()
-  runtime.configure_xla_cpu()
+  runtime.configure_process()
   print(f'{args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds, '
         f'load average {os.getloadavg()[0]:.1f}; median ms per call over rounds')
   befores = [int(b) for b in args.before.split(',')]

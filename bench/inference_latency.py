@@ -222,8 +222,7 @@ def main(argv=None):
   if args.child_stages:
     name, workdir = args.child_stages.split(':', 1)
     from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
-    runtime.configure_malloc()    # as main.py does
-    runtime.configure_xla_cpu()
+    runtime.configure_process()   # as main.py does
     print(json.dumps(child_stages(name, workdir, args.series, args.batch_size)))
     return
   if not os.path.isdir(args.series):

@@ -90,8 +90,7 @@ def setup_xla(args) -> dict[str, int]:
   malloc = {}
   if not args.no_library_flags:
     from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
-    malloc = runtime.configure_malloc()
-    runtime.configure_xla_cpu()
+    malloc, _ = runtime.configure_process()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   return malloc

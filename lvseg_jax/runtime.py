@@ -1,6 +1,7 @@
 """Process-level runtime defaults measured to speed up lvseg_jax training on the CPU.
 
-Two parts, both applied by `main.py` and `ablate.py` first thing:
+`configure_process()` applies both parts, in order; `main.py`, `ablate.py` and the bench
+scripts call it first thing:
   * `configure_malloc()`: glibc allocator settings, so that the train step stops returning its
     scratch memory to the kernel and faulting it in again at every step (below);
   * `configure_xla_cpu()`: XLA CPU flags.
@@ -32,8 +33,8 @@ heap (`M_ARENA_MAX=1`: other arenas hand blocks over 64 MB to `mmap` whatever `M
 says), serve large blocks from it (`M_MMAP_MAX=0`) and keep freed memory there for reuse
 (`M_TRIM_THRESHOLD=-1`: no trimming). No page faults after the first steps, and the step is
 2-8% faster (docs/BENCHMARKS.md, "Sixth run"). The cost: the process keeps its peak heap until
-it exits, and the heap can grow in steps when freed blocks no longer line up (measured: 1.19 to
-1.53 GB over 600 steps at 128x128, flat from step 300). Only for CPU runs (no JAX GPU/TPU
+it exits, and the heap can grow in steps when freed blocks no longer line up (measured: 2.08 to
+2.30 GB over a 2,880-step `configs/cpu.py` run, flat after step ~765; 1.69 GB peak without). Only for CPU runs (no JAX GPU/TPU
 plugin installed, or JAX_PLATFORMS=cpu), where it was measured. Call it before other threads
 start allocating (before JAX runs anything).
 Settings made through `GLIBC_TUNABLES` or glibc's `MALLOC_*_` variables win, and
@@ -173,3 +174,12 @@ def configure_xla_cpu(extra_flags: tuple[str, ...] = ()) -> str:
   flags = ' '.join([current, *added]).strip()
   os.environ['XLA_FLAGS'] = flags
   return flags
+
+
+def configure_process() -> tuple[dict[str, int], str]:
+  """Both process defaults, before JAX starts: the allocator first (before JAX's threads
+  allocate), then the XLA flags (read when JAX creates its backends).
+
+  Returns the allocator settings applied and the resulting XLA_FLAGS.
+  """
+  return configure_malloc(), configure_xla_cpu()
