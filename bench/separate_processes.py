@@ -12,8 +12,12 @@ too. This script separates the two: every round runs four processes one after th
 
 and reports, per model and width, the median images/s over rounds and the ratios
 jax-lib / torch (each as shipped), jax-lib / torch-lib (same allocator) and jax-plain / torch.
+Even rounds run the processes in reverse order, so that a drift in the machine's load over a
+round does not favour whichever framework always runs first. `--runs` picks some of the four.
 
   python bench/separate_processes.py --rounds 3 --out bench_out/separate    # ~20 min
+  python bench/separate_processes.py --runs jax-lib,torch --models unet,lnu --widths 16 \
+      --rounds 8 --iters 16 --out bench_out/separate_w16
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ def parse_args(argv=None):
   p.add_argument('--sizes', default='128')
   p.add_argument('--widths', default='16,32')
   p.add_argument('--iters', type=int, default=8)
-  return p.parse_args(argv)
+  p.add_argument('--runs', default=','.join(RUNS),
+                 help=f'comma-separated, some of {", ".join(RUNS)}')
+  args = p.parse_args(argv)
+  args.runs = [r for r in args.runs.split(',') if r]
+  unknown = sorted(set(args.runs) - set(RUNS))
+  if unknown or not args.runs:
+    p.error(f'--runs: unknown {unknown}; choose from {", ".join(RUNS)}')
+  return args
 
 
 def run_once(label: str, args, path: str) -> None:
@@ -72,8 +83,10 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   ips = collections.defaultdict(lambda: collections.defaultdict(list))
   faults = {}
+  labels = args.runs
+  ratio_pairs = [(a, b) for a, b in RATIOS if a in labels and b in labels]
   for rnd in range(1, args.rounds + 1):
-    for label in RUNS:
+    for label in (labels if rnd % 2 else labels[::-1]):
       path = os.path.join(args.out, f'{label}_r{rnd}.json')
       run_once(label, args, path)
       run_ips, faults[label] = read_run(path)
@@ -81,19 +94,19 @@ def main(argv=None):
         ips[key][label].append(value)
       print(f'round {rnd} {label:9} done; load {os.getloadavg()[0]:.1f}', flush=True)
   print(f'\nimages/s, median over {args.rounds} rounds (per round in brackets)')
-  header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in RUNS)
-  header += ' ' + ' '.join(f'{a + "/" + b:>20}' for a, b in RATIOS)
+  header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in labels)
+  header += ' ' + ' '.join(f'{a + "/" + b:>20}' for a, b in ratio_pairs)
   print(header)
   summary = []
   for key, per_label in ips.items():
     med = {label: statistics.median(v) for label, v in per_label.items()}
-    ratios = {f'{a}/{b}': med[a] / med[b] for a, b in RATIOS}
+    ratios = {f'{a}/{b}': med[a] / med[b] for a, b in ratio_pairs}
     per_round = {f'{a}/{b}': [x / y for x, y in zip(per_label[a], per_label[b])]
-                 for a, b in RATIOS}
+                 for a, b in ratio_pairs}
     summary.append(dict(model=key[0], size=key[1], width=key[2], images_per_s=per_label,
                         median=med, ratio_of_medians=ratios, ratio_per_round=per_round))
     print(f'{key[0]:8} {key[1]:4d} {key[2]:5d} ' +
-          ' '.join(f'{med[l]:10.2f}' for l in RUNS) + ' ' +
+          ' '.join(f'{med[l]:10.2f}' for l in labels) + ' ' +
           ' '.join(f'{ratios[k]:8.2f} [{" ".join(f"{x:.2f}" for x in per_round[k])}]'
                    .rjust(20) for k in ratios))
   print('\nminor page faults per step in the last round, per model/width:')
