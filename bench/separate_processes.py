@@ -11,7 +11,8 @@ too. This script separates the two: every round runs four processes one after th
   torch-lib   PyTorch eager under lvseg_jax's allocator settings,
 
 and reports, per model and width, the median images/s over rounds and the ratios
-jax-lib / torch (each as shipped), jax-lib / torch-lib (same allocator) and jax-plain / torch.
+jax-lib / torch (each as shipped), jax-lib / torch-lib (same allocator) and jax-plain / torch:
+the ratio of the medians, each round's ratio in brackets, and the median of those after `~`.
 Even rounds run the processes in reverse order, so that a drift in the machine's load over a
 round does not favour whichever framework always runs first. `--runs` picks some of the four.
 
@@ -95,7 +96,7 @@ def main(argv=None):
       print(f'round {rnd} {label:9} done; load {os.getloadavg()[0]:.1f}', flush=True)
   print(f'\nimages/s, median over {args.rounds} rounds (per round in brackets)')
   header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in labels)
-  header += ' ' + ' '.join(f'{a + "/" + b:>20}' for a, b in ratio_pairs)
+  header += ' ' + ' '.join(f'{a + "/" + b:>26}' for a, b in ratio_pairs)
   print(header)
   summary = []
   for key, per_label in ips.items():
@@ -103,12 +104,14 @@ def main(argv=None):
     ratios = {f'{a}/{b}': med[a] / med[b] for a, b in ratio_pairs}
     per_round = {f'{a}/{b}': [x / y for x, y in zip(per_label[a], per_label[b])]
                  for a, b in ratio_pairs}
+    paired = {k: statistics.median(v) for k, v in per_round.items()}
     summary.append(dict(model=key[0], size=key[1], width=key[2], images_per_s=per_label,
-                        median=med, ratio_of_medians=ratios, ratio_per_round=per_round))
+                        median=med, ratio_of_medians=ratios, ratio_per_round=per_round,
+                        median_of_ratios_per_round=paired))
     print(f'{key[0]:8} {key[1]:4d} {key[2]:5d} ' +
           ' '.join(f'{med[l]:10.2f}' for l in labels) + ' ' +
-          ' '.join(f'{ratios[k]:8.2f} [{" ".join(f"{x:.2f}" for x in per_round[k])}]'
-                   .rjust(20) for k in ratios))
+          ' '.join(f'{ratios[k]:8.2f} [{" ".join(f"{x:.2f}" for x in per_round[k])}] '
+                   f'~{paired[k]:.2f}'.rjust(26) for k in ratios))
   print('\nminor page faults per step in the last round, per model/width:')
   for label, values in faults.items():
     print(f'  {label:9} ' + ' '.join(f'{v:.0f}' for v in values))
