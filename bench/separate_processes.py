@@ -14,11 +14,15 @@ and reports, per model and width, the median images/s over rounds and the ratios
 jax-lib / torch (each as shipped), jax-lib / torch-lib (same allocator) and jax-plain / torch:
 the ratio of the medians, each round's ratio in brackets, and the median of those after `~`.
 Even rounds run the processes in reverse order, so that a drift in the machine's load over a
-round does not favour whichever framework always runs first. `--runs` picks some of the four.
+round does not favour whichever framework always runs first. `--runs` picks some of the four;
+a fifth, `jax-lib-alt`, runs jax-lib under the interpreter given by `--alt-python` (another
+virtual environment, e.g. Python 3.12 with jax 0.11, against the same PyTorch).
 
   python bench/separate_processes.py --rounds 3 --out bench_out/separate    # ~20 min
   python bench/separate_processes.py --runs jax-lib,torch --models unet,lnu --widths 16 \
       --rounds 8 --iters 16 --out bench_out/separate_w16
+  python bench/separate_processes.py --runs jax-lib,jax-lib-alt,torch \
+      --alt-python ../venv312/bin/python --models unet,lnu --widths 16 --out bench_out/jax011
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ RUNS = {  # label: (--jax value, allocator defaults on)
     'jax-plain': ('after', False),
     'torch': ('', False),
     'torch-lib': ('', True),
+    'jax-lib-alt': ('after', True),  # jax-lib under the interpreter of --alt-python
 }
-RATIOS = (('jax-lib', 'torch'), ('jax-lib', 'torch-lib'), ('jax-plain', 'torch'))
+RATIOS = (('jax-lib', 'torch'), ('jax-lib', 'torch-lib'), ('jax-plain', 'torch'),
+          ('jax-lib-alt', 'torch'))
+DEFAULT_RUNS = ('jax-lib', 'jax-plain', 'torch', 'torch-lib')
 
 
 def parse_args(argv=None):
@@ -49,19 +56,25 @@ def parse_args(argv=None):
   p.add_argument('--sizes', default='128')
   p.add_argument('--widths', default='16,32')
   p.add_argument('--iters', type=int, default=8)
-  p.add_argument('--runs', default=','.join(RUNS),
+  p.add_argument('--runs', default=','.join(DEFAULT_RUNS),
                  help=f'comma-separated, some of {", ".join(RUNS)}')
+  p.add_argument('--alt-python', default=None,
+                 help='Python interpreter of the jax-lib-alt run, e.g. another virtual '
+                      "environment's bin/python with another jax version")
   args = p.parse_args(argv)
   args.runs = [r for r in args.runs.split(',') if r]
   unknown = sorted(set(args.runs) - set(RUNS))
   if unknown or not args.runs:
     p.error(f'--runs: unknown {unknown}; choose from {", ".join(RUNS)}')
+  if ('jax-lib-alt' in args.runs) != (args.alt_python is not None):
+    p.error('--alt-python and the jax-lib-alt run go together')
   return args
 
 
 def run_once(label: str, args, path: str) -> None:
   jax_impl, malloc = RUNS[label]
-  cmd = [sys.executable, os.path.join(HERE, 'train_throughput.py'), '--jax', jax_impl,
+  python = args.alt_python if label == 'jax-lib-alt' else sys.executable
+  cmd = [python, os.path.join(HERE, 'train_throughput.py'), '--jax', jax_impl,
          '--models', args.models, '--sizes', args.sizes, '--widths', args.widths,
          '--iters', str(args.iters), '--iters-256', str(args.iters), '--json', path]
   if jax_impl:
