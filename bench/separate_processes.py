@@ -3,7 +3,8 @@
 `bench/train_throughput.py` times both frameworks interleaved in one process, so both run
 under the same process settings. `lvseg_jax.runtime.configure_malloc()` (applied by
 `main.py`) changes glibc's allocator for the whole process, which PyTorch's step gains from
-too. This script separates the two: every round runs four processes one after the other,
+too. This script separates the two: every round runs these processes one after the other
+(all four by default),
 
   jax-lib     the lvseg_jax step as `main.py` runs it (allocator and XLA defaults);
   jax-plain   the same step with glibc's default allocator (LVSEG_MALLOC_DEFAULTS=0);
@@ -106,7 +107,7 @@ def main(argv=None):
       run_ips, faults[label] = read_run(path)
       for key, value in run_ips.items():
         ips[key][label].append(value)
-      print(f'round {rnd} {label:9} done; load {os.getloadavg()[0]:.1f}', flush=True)
+      print(f'round {rnd} {label:11} done; load {os.getloadavg()[0]:.1f}', flush=True)
   print(f'\nimages/s, median over {args.rounds} rounds (per round in brackets)')
   header = f"{'model':8} {'size':>4} {'width':>5} " + ' '.join(f'{l:>10}' for l in labels)
   header += ' ' + ' '.join(f'{a + "/" + b:>26}' for a, b in ratio_pairs)
@@ -127,7 +128,7 @@ def main(argv=None):
                    f'~{paired[k]:.2f}'.rjust(26) for k in ratios))
   print('\nminor page faults per step in the last round, per model/width:')
   for label, values in faults.items():
-    print(f'  {label:9} ' + ' '.join(f'{v:.0f}' for v in values))
+    print(f'  {label:11} ' + ' '.join(f'{v:.0f}' for v in values))
   with open(os.path.join(args.out, 'summary.json'), 'w') as f:
     json.dump({'args': vars(args), 'results': summary, 'page_faults_last_round': faults}, f,
               indent=1)
