@@ -45,7 +45,7 @@ RUNS = {  # label: (--jax value, allocator defaults on)
     'jax-lib-alt': ('after', True),  # jax-lib under the interpreter of --alt-python
 }
 RATIOS = (('jax-lib', 'torch'), ('jax-lib', 'torch-lib'), ('jax-plain', 'torch'),
-          ('jax-lib-alt', 'torch'))
+          ('jax-lib-alt', 'torch'), ('jax-lib-alt', 'torch-lib'))
 DEFAULT_RUNS = ('jax-lib', 'jax-plain', 'torch', 'torch-lib')
 
 
