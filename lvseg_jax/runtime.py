@@ -34,8 +34,9 @@ says), serve large blocks from it (`M_MMAP_MAX=0`) and keep freed memory there f
 (`M_TRIM_THRESHOLD=-1`: no trimming). No page faults after the first steps, and the step is
 2-8% faster (docs/BENCHMARKS.md, "Sixth run"). The cost: the process keeps its peak heap until
 it exits, and the heap can grow in steps when freed blocks no longer line up (measured: 2.08 to
-2.30 GB over a 2,880-step `configs/cpu.py` run, flat after step ~765; 1.69 GB peak without). Only for CPU runs (no JAX GPU/TPU
-plugin installed, or JAX_PLATFORMS=cpu), where it was measured. Call it before other threads
+2.30 GB over a 2,880-step `configs/cpu.py` run, flat after step ~765; 1.69 GB peak without).
+Only for CPU runs (no JAX GPU/TPU plugin installed, or JAX_PLATFORMS=cpu), where it was
+measured. Call it before other threads
 start allocating (before JAX runs anything).
 Settings made through `GLIBC_TUNABLES` or glibc's `MALLOC_*_` variables win, and
 `LVSEG_MALLOC_DEFAULTS=0` turns the defaults off.
