@@ -110,8 +110,7 @@ def jax_kernel_grad_runners(batch: int, size: int, cin: int, cout: int,
   g = jnp.asarray(rng.normal(size=(batch, size, size, cout)), jnp.float32)
   same = ((1, 1), (1, 1))
   convs = {
-      'XLA kernel grad': lambda x, w: jax.lax.conv_general_dilated(
-          x, w, (1, 1), same, dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+      'XLA kernel grad': lambda x, w: models._conv_nhwc(x, w, same, None),  # pylint: disable=protected-access
       'swapped kernel grad': lambda x, w: models._conv_swapped_kernel_grad(  # pylint: disable=protected-access
           x, w, same, None),
   }
