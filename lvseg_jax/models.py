@@ -20,6 +20,8 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
     like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter);
   * `conv_general_dilated`, the convolutions' kernel gradient computed with the roles of
     input and output gradient swapped where the layer has few output channels.
+LNU-Net's LayerNorm applies the block's ReLU itself (`norms.LayerNorm(relu=True)`), so that on
+the CPU both run as one C++ kernel (`lvseg_jax.cpu_kernels`; `model.norm_kernel`).
 """
 
 import functools
@@ -199,12 +201,14 @@ class ConvBlock(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none',
                   dtype=self.dtype, conv_general_dilated=conv_general_dilated,
                   name=f'conv{i}')(x)
-      norm = norm_cls(name=f'norm{i}', **kwargs)
+      fuse_relu = self.norm in norms.RELU_FUSING_NORMS
+      norm = norm_cls(name=f'norm{i}', **kwargs, **({'relu': True} if fuse_relu else {}))
       if self.norm in norms.STATEFUL_NORMS:
         x = norm(x, use_running_average=not train)
       else:
         x = norm(x)
-      x = nn.relu(x)
+      if not fuse_relu:
+        x = nn.relu(x)
     return x
 
 
@@ -278,6 +282,12 @@ def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None) -> dic
 def _norm_kwargs_for(norm: str, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if norm in norms.STATEFUL_NORMS:
     return dict(momentum=cfg.bn_momentum, epsilon=cfg.norm_epsilon)
+  if norm == 'layer':
+    kernel = cfg.get('norm_kernel', 'auto')
+    if kernel not in norms.NORM_KERNELS:
+      raise ValueError(f'Unknown model.norm_kernel {kernel!r}; choose one of '
+                       f'{norms.NORM_KERNELS}.')
+    return dict(epsilon=cfg.norm_epsilon, kernel=kernel)
   return dict(epsilon=cfg.norm_epsilon)
 
 
