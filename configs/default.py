@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.ibn_ratio = 0.5        # ibu split: fraction of channels that get instance norm
   model.bn_momentum = 0.9      # Flax convention: running = m * running + (1 - m) * batch
   model.norm_epsilon = 1e-5
-  model.norm_kernel = 'auto'   # LayerNorm + ReLU: auto (C++ kernel on CPU) | xla | cpu
+  model.norm_kernel = 'auto'   # norm + ReLU: auto (C++ kernels on CPU) | xla | cpu
   model.dtype = 'float32'      # activation dtype: float32 | bfloat16 (statistics stay float32)
   model.upsample = 'transpose'  # transpose (2x2 transposed conv, as in the paper)
 

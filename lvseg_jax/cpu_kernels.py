@@ -1,15 +1,19 @@
 """Hand-written CPU kernels, called from JAX through XLA's FFI.
 
-One kernel so far: LayerNorm fused with the ReLU after it (`csrc/layer_norm_relu.cc`), forward
-and backward. XLA:CPU runs that layer as several fusions and reductions; the kernel does two
-passes over the activation each way on XLA's intra-op thread pool (docs/BENCHMARKS.md,
-"Ninth run"). `lvseg_jax.norms.LayerNorm` uses it on the CPU and falls back to the XLA
-formulas elsewhere, for other dtypes, or when it cannot be built.
+The full-size passes of a normalization followed by a ReLU (`csrc/norm_relu.cc`): moments,
+affine + ReLU, and the two passes of its backward pass. XLA:CPU runs them as several fusions
+and reductions; the kernels make one pass each on XLA's intra-op thread pool
+(docs/BENCHMARKS.md, "Ninth run"). `lvseg_jax.norms` uses them for BatchNorm, InstanceNorm and
+LayerNorm with `relu=True` on the CPU, and keeps the arithmetic on the statistics in JAX. It
+falls back to the XLA formulas elsewhere, for other dtypes, or when they cannot be built.
+
+Each kernel views its input as (N, P, C): samples first, channels last, everything between
+flattened. Per-statistic inputs and outputs have one value per (sample, channel), shape (N, C).
 
 The source is compiled on first use with the system C++ compiler against the FFI headers that
 ship with jaxlib, and cached per source, jaxlib version and CPU (`-march=native`) under
 `$LVSEG_KERNEL_CACHE` (default `~/.cache/lvseg_jax/kernels`). Set `LVSEG_CPU_KERNELS=0` to
-never build or use it (the model's `norm_kernel='xla'` does the same per model).
+never build or use them (the model's `norm_kernel='xla'` does the same per model).
 """
 
 import ctypes
@@ -26,13 +30,17 @@ import threading
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
-_SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'layer_norm_relu.cc'
-_FWD_TARGET = 'lvseg_layer_norm_relu_fwd'
-_BWD_TARGET = 'lvseg_layer_norm_relu_bwd'
+_SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'norm_relu.cc'
+# FFI target name -> the handler symbol in the library.
+_TARGETS = {
+    'lvseg_norm_moments': 'LvsegNormMoments',
+    'lvseg_norm_affine_relu': 'LvsegNormAffineRelu',
+    'lvseg_norm_relu_grad_sums': 'LvsegNormReluGradSums',
+    'lvseg_norm_relu_grad_apply': 'LvsegNormReluGradApply',
+}
 _FLAGS = ('-O3', '-std=c++17', '-fopenmp-simd', '-shared', '-fPIC', '-Wno-attributes',
           '-Wno-return-type')
 # Tried first; a compiler that rejects it (e.g. on some ARM toolchains) builds without it.
@@ -71,7 +79,7 @@ def _library_path(compiler: str) -> pathlib.Path:
                _cpu_identity().encode()):
     key.update(part)
     key.update(b'\0')
-  return cache_dir() / f'layer_norm_relu-{key.hexdigest()[:16]}.so'
+  return cache_dir() / f'norm_relu-{key.hexdigest()[:16]}.so'
 
 
 def build() -> pathlib.Path:
@@ -94,7 +102,7 @@ def build() -> pathlib.Path:
   try:
     for extra in ([_NATIVE_FLAG], []):
       cmd = [compiler, *_FLAGS, *extra, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', tmp]
-      logging.info('Building the LayerNorm+ReLU CPU kernel: %s', ' '.join(cmd))
+      logging.info('Building the normalization CPU kernels: %s', ' '.join(cmd))
       result = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if result.returncode == 0:
         break
@@ -110,10 +118,9 @@ def build() -> pathlib.Path:
 @functools.cache
 def _register() -> None:
   library = ctypes.CDLL(str(build()))
-  jax.ffi.register_ffi_target(_FWD_TARGET, jax.ffi.pycapsule(library.LvsegLayerNormReluFwd),
-                              platform='cpu')
-  jax.ffi.register_ffi_target(_BWD_TARGET, jax.ffi.pycapsule(library.LvsegLayerNormReluBwd),
-                              platform='cpu')
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
 
 
 def enabled() -> bool:
@@ -127,38 +134,43 @@ def _available() -> bool:
     _register()
     return True
   except (KernelBuildError, OSError, AttributeError) as e:
-    logging.warning('LayerNorm+ReLU CPU kernel unavailable, using the XLA formulas: %s', e)
+    logging.warning('Normalization CPU kernels unavailable, using the XLA formulas: %s', e)
     return False
 
 
 def available() -> bool:
-  """Whether the kernel is allowed, built and registered (builds it on the first call)."""
+  """Whether the kernels are allowed, built and registered (builds them on the first call)."""
   if not enabled():
     return False
   with _lock:
     return _available()
 
 
-def layer_norm_relu_fwd(x: Array, scale: Array, bias: Array,
-                        epsilon: float) -> tuple[Array, Array, Array, Array]:
-  """`relu(LayerNorm(x) * scale + bias)` and the per-sample mean, 1/std and raw variance.
-
-  x is float32 with the sample axis first and channels last; the normalization covers all
-  other axes. The raw variance is E[x^2] - E[x]^2 before the clamp at 0.
-  """
-  n = x.shape[0]
-  stat = jax.ShapeDtypeStruct((n,), jnp.float32)
-  call = jax.ffi.ffi_call(_FWD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat,
-                                        stat), vmap_method='sequential')
-  return call(x, scale, bias, epsilon=np.float32(epsilon))
+def _per_statistic(x: Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
 
 
-def layer_norm_relu_bwd(dy: Array, x: Array, scale: Array, bias: Array, mean: Array,
-                        inv: Array, var_raw: Array) -> tuple[Array, Array, Array]:
-  """dx, and per (sample, channel) sum(dz) and sum(dz * (x - mean)), dz the gradient at the
-  ReLU's input."""
-  n, c = x.shape[0], x.shape[-1]
-  sums = jax.ShapeDtypeStruct((n, c), jnp.float32)
-  call = jax.ffi.ffi_call(_BWD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), sums, sums),
-                          vmap_method='sequential')
-  return call(dy, x, scale, bias, mean, inv, var_raw)
+def _call(target: str, results, *args):
+  return jax.ffi.ffi_call(target, results, vmap_method='sequential')(*args)
+
+
+def moments(x: Array) -> tuple[Array, Array]:
+  """Per (sample, channel): sum of x and of x^2 over all the axes between."""
+  return _call('lvseg_norm_moments', (_per_statistic(x),) * 2, x)
+
+
+def affine_relu(x: Array, a: Array, b: Array) -> Array:
+  """relu(x * a + b) with a, b per (sample, channel)."""
+  return _call('lvseg_norm_affine_relu', jax.ShapeDtypeStruct(x.shape, jnp.float32), x, a, b)
+
+
+def relu_grad_sums(dy: Array, x: Array, a: Array, b: Array) -> tuple[Array, Array]:
+  """Per (sample, channel): sum of dz and of dz * x, dz = dy where x * a + b > 0, else 0."""
+  return _call('lvseg_norm_relu_grad_sums', (_per_statistic(x),) * 2, dy, x, a, b)
+
+
+def relu_grad_apply(dy: Array, x: Array, a: Array, b: Array, k: Array, xk: Array,
+                    off: Array) -> Array:
+  """dz * k + x * xk + off (dz as in `relu_grad_sums`), all coefficients per (sample, channel)."""
+  return _call('lvseg_norm_relu_grad_apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), dy, x,
+               a, b, k, xk, off)

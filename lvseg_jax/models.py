@@ -20,8 +20,9 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
     like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter);
   * `conv_general_dilated`, the convolutions' kernel gradient computed with the roles of
     input and output gradient swapped where the layer has few output channels.
-LNU-Net's LayerNorm applies the block's ReLU itself (`norms.LayerNorm(relu=True)`), so that on
-the CPU both run as one C++ kernel (`lvseg_jax.cpu_kernels`; `model.norm_kernel`).
+BatchNorm, InstanceNorm and LayerNorm apply the block's ReLU themselves (`relu=True`), so that
+on the CPU their full-size passes run as C++ kernels (`lvseg_jax.cpu_kernels`;
+`model.norm_kernel`).
 """
 
 import functools
@@ -244,6 +245,8 @@ class UNet(nn.Module):
       kwargs['axis_name'] = self.axis_name
     if norm == 'ibn':
       kwargs.update(self.ibn_kwargs or {})
+    if norm not in norms.RELU_FUSING_NORMS:
+      kwargs.pop('kernel', None)
     return ConvBlock(features, norm=norm, norm_kwargs=kwargs, dtype=self.dtype, name=name)
 
   @nn.compact
@@ -276,19 +279,23 @@ def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None) -> dic
     raise ValueError(f'Unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}.')
   return dict(num_classes=cfg.num_classes, base_width=cfg.base_width, depth=cfg.depth,
               axis_name=axis_name, dtype=DTYPES[cfg.dtype],
-              norm_kwargs=dict(momentum=cfg.bn_momentum, epsilon=cfg.norm_epsilon))
+              norm_kwargs=dict(momentum=cfg.bn_momentum, epsilon=cfg.norm_epsilon,
+                               kernel=_norm_kernel(cfg)))
+
+
+def _norm_kernel(cfg: ml_collections.ConfigDict) -> str:
+  kernel = cfg.get('norm_kernel', 'auto')
+  if kernel not in norms.NORM_KERNELS:
+    raise ValueError(f'Unknown model.norm_kernel {kernel!r}; choose one of '
+                     f'{norms.NORM_KERNELS}.')
+  return kernel
 
 
 def _norm_kwargs_for(norm: str, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  kwargs = dict(epsilon=cfg.norm_epsilon, kernel=_norm_kernel(cfg))
   if norm in norms.STATEFUL_NORMS:
-    return dict(momentum=cfg.bn_momentum, epsilon=cfg.norm_epsilon)
-  if norm == 'layer':
-    kernel = cfg.get('norm_kernel', 'auto')
-    if kernel not in norms.NORM_KERNELS:
-      raise ValueError(f'Unknown model.norm_kernel {kernel!r}; choose one of '
-                       f'{norms.NORM_KERNELS}.')
-    return dict(epsilon=cfg.norm_epsilon, kernel=kernel)
-  return dict(epsilon=cfg.norm_epsilon)
+    kwargs['momentum'] = cfg.bn_momentum
+  return kwargs
 
 
 def build_unet(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> UNet:

@@ -18,8 +18,10 @@ mean = E[x], var = max(E[x^2] - mean^2, 0) and `(x - mean) * rsqrt(var + epsilon
 bias` but has a hand-written VJP: the chain rule of those same formulas, organized as the usual
 two per-channel reductions and one elementwise pass. Differentiating the formulas directly
 makes XLA's CPU backend emit several extra full-size passes per layer (about 5x slower for a
-128x128x16 BatchNorm + ReLU). LayerNorm with `relu=True` goes further on the CPU: a C++ kernel
-(`lvseg_jax.cpu_kernels`) with the same formulas, two passes over the activation each way.
+128x128x16 BatchNorm + ReLU). With `relu=True` (the ReLU of the conv block) the layers go
+further on the CPU: `_normalize_relu_cpu` runs the full-size passes as C++ kernels
+(`lvseg_jax.cpu_kernels`, two passes over the activation each way) and keeps the arithmetic on
+the statistics, `_statistics` and `_chain_rule`, shared with the XLA path.
 """
 
 import functools
@@ -74,11 +76,16 @@ def _normalize(x: Array, scale: Array | None, bias: Array | None, axes: tuple[in
   return _normalize_fwd(x, scale, bias, axes, axis_name, epsilon)[0]
 
 
-def _normalize_fwd(x, scale, bias, axes, axis_name, epsilon):
-  mean, mean_sq = _mean_and_mean_sq(x, axes, axis_name, keepdims=True)
+def _statistics(mean: Array, mean_sq: Array, epsilon: float) -> tuple[Array, Array, Array]:
+  """The raw variance E[x^2] - E[x]^2, the variance clamped at 0, and 1 / sqrt(var + eps)."""
   var_raw = mean_sq - jnp.square(mean)
   var = jnp.maximum(var_raw, 0.0)
-  inv = jax.lax.rsqrt(var + epsilon)
+  return var_raw, var, jax.lax.rsqrt(var + epsilon)
+
+
+def _normalize_fwd(x, scale, bias, axes, axis_name, epsilon):
+  mean, mean_sq = _mean_and_mean_sq(x, axes, axis_name, keepdims=True)
+  var_raw, var, inv = _statistics(mean, mean_sq, epsilon)
   y = (x.astype(jnp.float32) - mean) * inv
   if scale is not None:
     y = y * scale
@@ -87,27 +94,28 @@ def _normalize_fwd(x, scale, bias, axes, axis_name, epsilon):
   return (y.astype(x.dtype), mean, var), (x, scale, bias, mean, var_raw, inv)
 
 
-def _normalize_bwd(axes, axis_name, epsilon, residuals, cotangents):
-  del epsilon
-  x, scale, bias, mean, var_raw, inv = residuals
-  dy, dmean_out, dvar_out = cotangents
-  dy = dy.astype(jnp.float32)
-  x32 = x.astype(jnp.float32)
+def _chain_rule(x: Array, scale: Array | None, axes: tuple[int, ...], axis_name: str | None,
+                mean: Array, var_raw: Array, inv: Array, sum_dy: Array, sum_dy_x: Array,
+                dmean_out: Array, dvar_out: Array):
+  """The normalization's gradients from the two sums of the upstream gradient dy.
+
+  `sum_dy` and `sum_dy_x` are sum(dy) and sum(dy * x) over the statistics' non-channel axes,
+  shaped like `mean` but per channel: for BatchNorm (1,1,1,C), for LayerNorm / InstanceNorm
+  (N,1,1,C). Returns dscale, dbias (None where `scale` is None; dbias is returned either way)
+  and per-statistic a, b, c with dx = a * dy + b * x + c.
+  """
   channel_axes = tuple(range(x.ndim - 1))
   count = _count(x, axes, axis_name)
-  # Every sum the chain rule needs comes from two reductions over the statistics' non-channel
-  # axes, sum(dy) and sum(dy * x), shaped like `mean` but per channel: for BatchNorm (1,1,1,C),
-  # for LayerNorm / InstanceNorm (N,1,1,C). sum(dy * (x - mean)) is then
-  # sum(dy * x) - mean * sum(dy). Reducing `dy * x` instead of `dy * (x - mean)` keeps XLA:CPU
-  # from writing `x - mean` out as a full-size tensor for the reduction (2-6% of a 128x128
-  # train step); it rounds like the E[x^2] - E[x]^2 variance of the forward pass.
+  # sum(dy * (x - mean)) is sum(dy * x) - mean * sum(dy). Reducing `dy * x` instead of
+  # `dy * (x - mean)` keeps XLA:CPU from writing `x - mean` out as a full-size tensor for the
+  # reduction (2-6% of a 128x128 train step); it rounds like the E[x^2] - E[x]^2 variance of
+  # the forward pass.
+  sum_dy_xc = sum_dy_x - mean * sum_dy
   stat_axes = tuple(a for a in axes if a in channel_axes)
-  sum_dy = jnp.sum(dy, axis=stat_axes, keepdims=True)
-  sum_dy_xc = jnp.sum(dy * x32, axis=stat_axes, keepdims=True) - mean * sum_dy
   other_axes = tuple(a for a in channel_axes if a not in stat_axes)
   dscale = None if scale is None else jnp.sum(sum_dy_xc * inv, axis=other_axes).reshape(
       scale.shape)
-  dbias = None if bias is None else jnp.sum(sum_dy, axis=other_axes).reshape(bias.shape)
+  dbias = jnp.sum(sum_dy, axis=other_axes).reshape(sum_dy.shape[-1:])
   # The same sums weighted by the per-channel scale, over the statistics' axes (LayerNorm's
   # include the channel axis), and over the devices of `axis_name` (BatchNorm under pmap).
   sum_dxhat = _sum(sum_dy if scale is None else sum_dy * scale, axes, axis_name)
@@ -120,17 +128,124 @@ def _normalize_bwd(axes, axis_name, epsilon, residuals, cotangents):
   dmean = -inv * sum_dxhat + dmean_out
   # dvar_raw / dx = 2 (x - mean) / count; d mean / dx = 1 / count. Written as
   # a * dy + b * x + c with per-statistic a, b, c: one elementwise pass over dy and x.
-  dx_scale = inv if scale is None else inv * scale
+  dx_dy = inv if scale is None else inv * scale
   dx_x = dvar_raw * (2.0 / count)
-  dx = dy * dx_scale + dx_x * x32 + (dmean / count - dx_x * mean)
+  return dscale, dbias, dx_dy, dx_x, dmean / count - dx_x * mean
+
+
+def _normalize_bwd(axes, axis_name, epsilon, residuals, cotangents):
+  del epsilon
+  x, scale, bias, mean, var_raw, inv = residuals
+  dy, dmean_out, dvar_out = cotangents
+  dy = dy.astype(jnp.float32)
+  x32 = x.astype(jnp.float32)
+  stat_axes = tuple(a for a in axes if a < x.ndim - 1)
+  sum_dy = jnp.sum(dy, axis=stat_axes, keepdims=True)
+  sum_dy_x = jnp.sum(dy * x32, axis=stat_axes, keepdims=True)
+  dscale, dbias, dx_dy, dx_x, dx_offset = _chain_rule(
+      x, scale, axes, axis_name, mean, var_raw, inv, sum_dy, sum_dy_x, dmean_out, dvar_out)
+  dx = dy * dx_dy + dx_x * x32 + dx_offset
   if dscale is not None:
     dscale = dscale.astype(scale.dtype)
-  if dbias is not None:
-    dbias = dbias.astype(bias.dtype)
+  dbias = None if bias is None else dbias.astype(bias.dtype)
   return dx.astype(x.dtype), dscale, dbias
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _per_statistic(v: Array, x: Array) -> Array:
+  """A statistic shaped like `mean` (keepdims), per channel or not, as (N, C) for the kernels."""
+  return jnp.broadcast_to(v, (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)).reshape(
+      x.shape[0], x.shape[-1])
+
+
+def _from_sample_channel_sums(sums: Array, x: Array, axes: tuple[int, ...]) -> Array:
+  """(N, C) sums over the pixels, further summed over the sample / channel axes in `axes`."""
+  sums = sums.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+  outer = tuple(a for a in axes if a in (0, x.ndim - 1))
+  return jnp.sum(sums, axis=outer, keepdims=True) if outer else sums
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize_relu_cpu(x: Array, scale: Array, bias: Array, axes: tuple[int, ...],
+                        axis_name: str | None, epsilon: float) -> tuple[Array, Array, Array]:
+  """`relu` of `_normalize`'s output, and its mean and variance, by the C++ kernels.
+
+  For float32 on the CPU, with the moments over the pixel axes and any of the sample and
+  channel axes. The full-size passes run in `cpu_kernels`; the statistics and the chain rule
+  are `_statistics` and `_chain_rule`, as in the XLA path.
+  """
+  return _normalize_relu_cpu_fwd(x, scale, bias, axes, axis_name, epsilon)[0]
+
+
+def _normalize_relu_cpu_fwd(x, scale, bias, axes, axis_name, epsilon):
+  sum_x, sum_x2 = cpu_kernels.moments(x)
+  local_count = _count(x, axes)
+  mean = _from_sample_channel_sums(sum_x, x, axes) / local_count
+  mean_sq = _from_sample_channel_sums(sum_x2, x, axes) / local_count
+  if axis_name is not None:
+    mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+  var_raw, var, inv = _statistics(mean, mean_sq, epsilon)
+  # relu(((x - mean) * inv) * scale + bias) as relu(x * a + b).
+  a = _per_statistic(inv * scale, x)
+  b = _per_statistic(bias - mean * (inv * scale), x)
+  y = cpu_kernels.affine_relu(x, a, b)
+  return (y, mean, var), (x, scale, a, b, mean, var_raw, inv)
+
+
+def _normalize_relu_cpu_bwd(axes, axis_name, epsilon, residuals, cotangents):
+  del epsilon
+  x, scale, a, b, mean, var_raw, inv = residuals
+  dy, dmean_out, dvar_out = cotangents
+  sum_dz, sum_dz_x = cpu_kernels.relu_grad_sums(dy, x, a, b)
+  stat_axes = tuple(ax for ax in axes if ax < x.ndim - 1)
+  sum_dz = _from_sample_channel_sums(sum_dz, x, stat_axes)
+  sum_dz_x = _from_sample_channel_sums(sum_dz_x, x, stat_axes)
+  dscale, dbias, dx_dy, dx_x, dx_offset = _chain_rule(
+      x, scale, axes, axis_name, mean, var_raw, inv, sum_dz, sum_dz_x, dmean_out, dvar_out)
+  dx = cpu_kernels.relu_grad_apply(dy, x, a, b, _per_statistic(dx_dy, x),
+                                   _per_statistic(dx_x, x), _per_statistic(dx_offset, x))
+  return dx, dscale, dbias
+
+
+_normalize_relu_cpu.defvjp(_normalize_relu_cpu_fwd, _normalize_relu_cpu_bwd)
+
+
+# How a normalization + ReLU is computed: 'auto' takes the C++ kernels where they apply (CPU
+# backend, float32, kernels built) and XLA otherwise; 'xla' always XLA; 'cpu' the kernels or an
+# error.
+NORM_KERNELS = ('auto', 'xla', 'cpu')
+
+
+def _use_cpu_kernel(kernel: str, relu: bool, x: Array, param_dtype) -> bool:
+  if kernel not in NORM_KERNELS:
+    raise ValueError(f'Unknown normalization kernel {kernel!r}; choose one of {NORM_KERNELS}.')
+  if not relu or kernel == 'xla':
+    return False
+  applies = x.dtype == jnp.float32 and jnp.dtype(param_dtype) == jnp.float32
+  if kernel == 'cpu':
+    if not applies:
+      raise ValueError(f"Normalization kernel 'cpu' takes float32 activations and parameters, "
+                       f'got {x.dtype} and {jnp.dtype(param_dtype)}.')
+    if not cpu_kernels.available():
+      raise ValueError("Normalization kernel 'cpu' is not available (disabled by "
+                       'LVSEG_CPU_KERNELS, or it failed to build: see the log).')
+    return True
+  return applies and jax.default_backend() == 'cpu' and cpu_kernels.available()
+
+
+def _normalize_then_relu(x: Array, scale: Array | None, bias: Array | None,
+                         axes: tuple[int, ...], axis_name: str | None, epsilon: float,
+                         relu: bool, kernel: str, param_dtype) -> tuple[Array, Array, Array]:
+  """`_normalize`, followed by a ReLU when `relu`; by the C++ kernels where `kernel` allows."""
+  if _use_cpu_kernel(kernel, relu, x, param_dtype):
+    features = x.shape[-1]
+    scale = jnp.ones((features,), jnp.float32) if scale is None else scale
+    bias = jnp.zeros((features,), jnp.float32) if bias is None else bias
+    return _normalize_relu_cpu(x, scale, bias, axes, axis_name, epsilon)
+  y, mean, var = _normalize(x, scale, bias, axes, axis_name, epsilon)
+  return (nn.relu(y) if relu else y), mean, var
 
 
 def _affine_params(module: nn.Module, features: int, use_scale: bool, use_bias: bool,
@@ -164,6 +279,11 @@ class BatchNorm(nn.Module):
     momentum: Flax convention, see the module docstring.
     epsilon: added to the variance.
     unbiased_running_var: keep the unbiased variance in `var` (PyTorch convention).
+    relu: apply the ReLU that follows the layer in a conv block as part of it. On the CPU
+      (`kernel` 'auto' or 'cpu') the layer's full-size passes then run as C++ kernels
+      (`lvseg_jax.cpu_kernels`): the same function, faster than XLA:CPU's (docs/BENCHMARKS.md,
+      "Ninth run"). Their backward pass is not itself differentiable (no second derivatives).
+    kernel: one of `NORM_KERNELS`; only used with `relu`.
   """
   use_running_average: bool | None = None
   axis_name: str | None = None
@@ -173,6 +293,8 @@ class BatchNorm(nn.Module):
   use_bias: bool = True
   unbiased_running_var: bool = False
   param_dtype: jnp.dtype = jnp.float32
+  relu: bool = False
+  kernel: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -187,11 +309,13 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
       y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
       y = _affine(self, y, features, self.use_scale, self.use_bias, self.param_dtype)
+      y = nn.relu(y) if self.relu else y
       return y.astype(x.dtype)
 
     scale, bias = _affine_params(self, features, self.use_scale, self.use_bias,
                                  self.param_dtype)
-    y, mean, var = _normalize(x, scale, bias, reduce_axes, self.axis_name, self.epsilon)
+    y, mean, var = _normalize_then_relu(x, scale, bias, reduce_axes, self.axis_name,
+                                        self.epsilon, self.relu, self.kernel, self.param_dtype)
     if not self.is_initializing():
       mean, var = mean.reshape(features), var.reshape(features)
       stored_var = var
@@ -204,47 +328,25 @@ class BatchNorm(nn.Module):
 
 
 class InstanceNorm(nn.Module):
-  """Instance normalization: per sample and channel over (H, W); no running state."""
+  """Instance normalization: per sample and channel over (H, W); no running state.
+
+  Attributes:
+    relu, kernel: the ReLU after the layer, and how both are computed (see `BatchNorm`).
+  """
   epsilon: float = 1e-5
   use_scale: bool = True
   use_bias: bool = True
   param_dtype: jnp.dtype = jnp.float32
+  relu: bool = False
+  kernel: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     spatial_axes = tuple(range(1, x.ndim - 1))
     scale, bias = _affine_params(self, x.shape[-1], self.use_scale, self.use_bias,
                                  self.param_dtype)
-    return _normalize(x, scale, bias, spatial_axes, None, self.epsilon)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm_relu_cpu(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
-  """`relu(_normalize(x, scale, bias, sample axes)[0])` by the C++ kernel (float32, CPU)."""
-  return cpu_kernels.layer_norm_relu_fwd(x, scale, bias, epsilon)[0]
-
-
-def _layer_norm_relu_cpu_fwd(x, scale, bias, epsilon):
-  y, mean, inv, var_raw = cpu_kernels.layer_norm_relu_fwd(x, scale, bias, epsilon)
-  return y, (x, scale, bias, mean, inv, var_raw)
-
-
-def _layer_norm_relu_cpu_bwd(epsilon, residuals, dy):
-  del epsilon
-  x, scale, bias, mean, inv, var_raw = residuals
-  dx, sum_dz, sum_dz_xc = cpu_kernels.layer_norm_relu_bwd(dy, x, scale, bias, mean, inv,
-                                                          var_raw)
-  # As in _normalize_bwd: dscale = sum over samples of inv * sum(dz (x - mean)).
-  dscale = jnp.sum(sum_dz_xc * inv[:, None], axis=0)
-  dbias = jnp.sum(sum_dz, axis=0)
-  return dx, dscale, dbias
-
-
-_layer_norm_relu_cpu.defvjp(_layer_norm_relu_cpu_fwd, _layer_norm_relu_cpu_bwd)
-
-# How LayerNorm + ReLU is computed: 'auto' takes the C++ kernel where it applies (CPU backend,
-# float32, kernel built) and XLA otherwise; 'xla' always XLA; 'cpu' the kernel or an error.
-NORM_KERNELS = ('auto', 'xla', 'cpu')
+    return _normalize_then_relu(x, scale, bias, spatial_axes, None, self.epsilon, self.relu,
+                                self.kernel, self.param_dtype)[0]
 
 
 class LayerNorm(nn.Module):
@@ -254,12 +356,7 @@ class LayerNorm(nn.Module):
   not Flax's default of normalizing over the channel axis only.
 
   Attributes:
-    relu: apply the ReLU that follows the layer in a conv block as part of it. On the CPU
-      (`kernel` 'auto' or 'cpu') both then run as one hand-written kernel
-      (`lvseg_jax.cpu_kernels`), which computes the same function 1.1-1.9x faster than
-      XLA:CPU (batch 8, U-Net shapes). Its backward pass is not itself differentiable (no
-      second derivatives).
-    kernel: one of `NORM_KERNELS`; only used with `relu`.
+    relu, kernel: the ReLU after the layer, and how both are computed (see `BatchNorm`).
   """
   epsilon: float = 1e-5
   use_scale: bool = True
@@ -268,34 +365,13 @@ class LayerNorm(nn.Module):
   relu: bool = False
   kernel: str = 'auto'
 
-  def _use_cpu_kernel(self, x: Array) -> bool:
-    if self.kernel not in NORM_KERNELS:
-      raise ValueError(f'Unknown LayerNorm kernel {self.kernel!r}; choose one of {NORM_KERNELS}.')
-    if not self.relu or self.kernel == 'xla':
-      return False
-    applies = x.dtype == jnp.float32 and jnp.dtype(self.param_dtype) == jnp.float32
-    if self.kernel == 'cpu':
-      if not applies:
-        raise ValueError(f"LayerNorm kernel 'cpu' takes float32 activations and parameters, "
-                         f'got {x.dtype} and {jnp.dtype(self.param_dtype)}.')
-      if not cpu_kernels.available():
-        raise ValueError("LayerNorm kernel 'cpu' is not available (disabled by "
-                         'LVSEG_CPU_KERNELS, or it failed to build: see the log).')
-      return True
-    return applies and jax.default_backend() == 'cpu' and cpu_kernels.available()
-
   @nn.compact
   def __call__(self, x: Array) -> Array:
     sample_axes = tuple(range(1, x.ndim))
     scale, bias = _affine_params(self, x.shape[-1], self.use_scale, self.use_bias,
                                  self.param_dtype)
-    if self._use_cpu_kernel(x):
-      features = x.shape[-1]
-      scale = jnp.ones((features,), jnp.float32) if scale is None else scale
-      bias = jnp.zeros((features,), jnp.float32) if bias is None else bias
-      return _layer_norm_relu_cpu(x, scale, bias, self.epsilon)
-    y = _normalize(x, scale, bias, sample_axes, None, self.epsilon)[0]
-    return nn.relu(y) if self.relu else y
+    return _normalize_then_relu(x, scale, bias, sample_axes, None, self.epsilon, self.relu,
+                                self.kernel, self.param_dtype)[0]
 
 
 IBN_MODES = ('split', 'sequential', 'blend')
@@ -365,8 +441,8 @@ class Identity(nn.Module):
 
 # Norms that keep running statistics take `use_running_average` at call time.
 STATEFUL_NORMS = ('batch', 'ibn')
-# Norms that take `relu=True` and then apply the conv block's ReLU themselves.
-RELU_FUSING_NORMS = ('layer',)
+# Norms that take `relu=True` (and `kernel`) and then apply the conv block's ReLU themselves.
+RELU_FUSING_NORMS = ('batch', 'instance', 'layer')
 NORMS: dict[str, Callable[..., nn.Module]] = {
     'none': Identity,
     'batch': BatchNorm,

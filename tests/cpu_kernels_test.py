@@ -1,9 +1,9 @@
-"""The C++ LayerNorm + ReLU kernel against NumPy, PyTorch and the library's XLA formulas."""
+"""The C++ normalization + ReLU kernels against NumPy, PyTorch and the library's XLA path."""
+
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -13,41 +13,53 @@ from configs import default as default_config
 from lvseg_jax import cpu_kernels, models, norms
 
 EPS = 1e-5
+NORMS = {
+    'batch': lambda **kw: norms.BatchNorm(use_running_average=False, **kw),
+    'instance': norms.InstanceNorm,
+    'layer': norms.LayerNorm,
+}
 
 
 def _rand(shape, seed=0, loc=0.0, scale=1.0):
   return np.random.default_rng(seed).normal(loc, scale, shape).astype(np.float32)
 
 
-def _apply_and_grads(kernel, x, scale, bias, upstream):
-  """Output of LayerNorm(relu=True) and the gradients of <output, upstream>."""
-  layer = norms.LayerNorm(epsilon=EPS, relu=True, kernel=kernel)
+def _apply_and_grads(which, kernel, x, scale, bias, upstream, **kwargs):
+  """Output of the norm with relu=True, its batch statistics (BatchNorm), and the gradients of
+  <output, upstream>."""
+  layer = NORMS[which](epsilon=EPS, relu=True, kernel=kernel, **kwargs)
+  variables = layer.init(jax.random.key(0), jnp.asarray(x))
   params = {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}
 
   def f(params, x):
-    y = layer.apply({'params': params}, x)
-    return jnp.vdot(y, upstream), y
+    y, state = layer.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.vdot(y, upstream), (y, state)
 
-  (_, y), (gp, gx) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+  (_, (y, state)), (gp, gx) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
       params, jnp.asarray(x))
-  return np.asarray(y), np.asarray(gx), np.asarray(gp['scale']), np.asarray(gp['bias'])
+  stats = jax.tree_util.tree_map(np.asarray, dict(state.get('batch_stats', {})))
+  return np.asarray(y), np.asarray(gx), np.asarray(gp['scale']), np.asarray(gp['bias']), stats
 
 
-def _torch_reference(x, scale, bias, upstream):
-  """PyTorch GroupNorm(1, C) (LayerNorm over C, H, W with a per-channel affine) + ReLU."""
+def _torch_reference(which, x, scale, bias, upstream):
+  """The PyTorch layer + ReLU in float64: BatchNorm2d (training), InstanceNorm2d, and
+  GroupNorm(1, C) (LayerNorm over C, H, W with a per-channel affine)."""
   c = x.shape[-1]
+  layer = {'batch': lambda: torch.nn.BatchNorm2d(c, eps=EPS),
+           'instance': lambda: torch.nn.InstanceNorm2d(c, eps=EPS, affine=True),
+           'layer': lambda: torch.nn.GroupNorm(1, c, eps=EPS)}[which]().double()
+  with torch.no_grad():
+    layer.weight.copy_(torch.from_numpy(scale))
+    layer.bias.copy_(torch.from_numpy(bias))
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).double()
   xt.requires_grad_(True)
-  gn = torch.nn.GroupNorm(1, c, eps=EPS).double()
-  with torch.no_grad():
-    gn.weight.copy_(torch.from_numpy(scale))
-    gn.bias.copy_(torch.from_numpy(bias))
-  y = torch.relu(gn(xt))
+  y = torch.relu(layer(xt))
   y.backward(torch.from_numpy(np.ascontiguousarray(upstream.transpose(0, 3, 1, 2))).double())
   to_nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)
-  return (to_nhwc(y), to_nhwc(xt.grad), gn.weight.grad.numpy(), gn.bias.grad.numpy())
+  return to_nhwc(y), to_nhwc(xt.grad), layer.weight.grad.numpy(), layer.bias.grad.numpy()
 
 
+@pytest.mark.parametrize('which', sorted(NORMS))
 @pytest.mark.parametrize('shape, loc', [
     ((3, 5, 6, 4), 0.0),
     ((2, 16, 16, 16), 10.0),    # mean far from zero: the sums could cancel
@@ -55,88 +67,140 @@ def _torch_reference(x, scale, bias, upstream):
     ((4, 8, 8, 33), 0.5),
     ((2, 64, 64, 16), 0.0),     # several tasks per sample
 ])
-def test_kernel_matches_pytorch_float64_and_xla_formulas(shape, loc):
+def test_kernels_match_pytorch_float64_and_xla_path(which, shape, loc):
+  if which == 'batch' and shape[0] == 1 and shape[1] * shape[2] == 1:
+    pytest.skip('BatchNorm needs more than one value per channel')
   x = _rand(shape, seed=1, loc=loc, scale=2.0)
   scale = 1.0 + 0.5 * _rand(shape[-1:], seed=2)
   bias = 0.5 * _rand(shape[-1:], seed=3)
   upstream = _rand(shape, seed=4)
-  ours = _apply_and_grads('cpu', x, scale, bias, upstream)
-  xla = _apply_and_grads('xla', x, scale, bias, upstream)
-  reference = _torch_reference(x.astype(np.float64), scale.astype(np.float64),
+  ours = _apply_and_grads(which, 'cpu', x, scale, bias, upstream)
+  xla = _apply_and_grads(which, 'xla', x, scale, bias, upstream)
+  reference = _torch_reference(which, x.astype(np.float64), scale.astype(np.float64),
                                bias.astype(np.float64), upstream.astype(np.float64))
   for name, got, want, via_xla in zip(('y', 'dx', 'dscale', 'dbias'), ours, reference, xla):
     tol = 1e-4 * max(1.0, np.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=tol, err_msg=f'{name} vs PyTorch')
     np.testing.assert_allclose(got, via_xla, rtol=1e-3, atol=tol, err_msg=f'{name} vs XLA')
-  # The ReLU really cuts: a fair share of the outputs and input gradients are zero.
+  # BatchNorm's running statistics take the same batch mean and variance on both paths.
+  assert ours[4].keys() == xla[4].keys()
+  for key in ours[4]:
+    np.testing.assert_allclose(ours[4][key], xla[4][key], rtol=1e-5, atol=1e-5)
+  # The ReLU really cuts: a fair share of the outputs are zero.
   assert 0.2 < np.mean(ours[0] == 0) < 0.8
 
 
-def test_constant_sample_takes_the_clamped_variance_gradient_like_xla():
-  """A constant sample has E[x^2] - E[x]^2 = 0 exactly: d max(v, 0)/dv = 1/2 there."""
+@pytest.mark.parametrize('which', sorted(NORMS))
+def test_constant_input_takes_the_clamped_variance_gradient_like_xla(which):
+  """A constant sample / channel has E[x^2] - E[x]^2 = 0 exactly: d max(v, 0)/dv = 1/2."""
   x = np.concatenate([np.full((1, 4, 4, 2), 0.5, np.float32), _rand((1, 4, 4, 2), seed=5)])
+  x[..., 0] = 0.5  # a constant channel for BatchNorm too
   scale, bias = np.array([1.5, -0.5], np.float32), np.array([0.25, 0.5], np.float32)
   upstream = _rand(x.shape, seed=6)
-  for got, want in zip(_apply_and_grads('cpu', x, scale, bias, upstream),
-                       _apply_and_grads('xla', x, scale, bias, upstream)):
+  ours = _apply_and_grads(which, 'cpu', x, scale, bias, upstream)
+  xla = _apply_and_grads(which, 'xla', x, scale, bias, upstream)
+  for got, want in zip(ours[:4], xla[:4]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _lnu(kernel: str, width: int = 4) -> tuple[models.UNet, ml_collections.ConfigDict]:
+@pytest.mark.parametrize('num_devices', [4])
+def test_batchnorm_kernels_under_shard_map_equal_global_batch(num_devices):
+  """With `axis_name` the moments and the gradient sums are summed over devices in JAX."""
+  x = _rand((num_devices * 2, 6, 6, 3), loc=0.5, scale=2.0)
+  scale, bias, upstream = _rand((3,), seed=1), _rand((3,), seed=2), _rand(x.shape, seed=3)
+  reference = _apply_and_grads('batch', 'cpu', x, scale, bias, upstream)
+  mapped = norms.BatchNorm(use_running_average=False, axis_name='batch', relu=True,
+                           kernel='cpu')
+  variables = norms.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.asarray(x))
+  params = {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}
+
+  def local(params, xs, us):
+    def f(params, xs):
+      y, state = mapped.apply({**variables, 'params': params}, xs, mutable=['batch_stats'])
+      return jnp.vdot(y, us), (y, state['batch_stats'])
+    (_, (y, stats)), (gp, gx) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, xs)
+    return y, gx, jax.lax.psum(gp, 'batch'), stats
+
+  mesh = Mesh(np.array(jax.devices()[:num_devices]), ('batch',))
+  y, gx, gp, stats = jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P('batch'), P('batch')),
+      out_specs=(P('batch'), P('batch'), P(), P()), check_vma=False))(params, x, upstream)
+  for got, want in zip((y, gx, gp['scale'], gp['bias']), reference[:4]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  for key in ('mean', 'var'):
+    np.testing.assert_allclose(stats[key], reference[4][key], rtol=1e-5, atol=1e-5)
+
+
+def _model(name: str, kernel: str) -> models.UNet:
   config = default_config.get_config()
-  config.model.name = 'lnu'
-  config.model.base_width = width
+  config.model.name = 'unet' if name == 'unet_bn' else name
+  config.model.norm = 'batch' if name == 'unet_bn' else 'none'
+  config.model.base_width = 4
   config.model.depth = 2
   config.model.norm_kernel = kernel
-  return models.get_model(config.model), config
+  return models.get_model(config.model)
 
 
-def test_lnu_net_loss_and_gradients_equal_with_and_without_the_kernel():
+@pytest.mark.parametrize('name', ['lnu', 'ibu', 'unet_bn'])
+def test_models_loss_gradients_and_stats_equal_with_and_without_the_kernels(name):
   x = jnp.asarray(_rand((2, 16, 16, 1), seed=7))
   labels = jnp.asarray(_rand((2, 16, 16), seed=8) > 0, jnp.int32)
-  model, _ = _lnu('xla')
-  variables = models.init_variables(model, jax.random.key(0), 16)
+  variables = models.init_variables(_model(name, 'xla'), jax.random.key(0), 16)
   results = {}
   for kernel in ('xla', 'cpu'):
-    model, _ = _lnu(kernel)
+    model = _model(name, kernel)
 
     def loss(params, model=model):
-      logits = model.apply({'params': params}, x, train=True)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0))
+      logits, state = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0)), state
 
-    results[kernel] = jax.jit(jax.value_and_grad(loss))(variables['params'])
-  np.testing.assert_allclose(results['cpu'][0], results['xla'][0], rtol=1e-5)
-  flat_xla, _ = jax.flatten_util.ravel_pytree(results['xla'][1])
-  flat_cpu, _ = jax.flatten_util.ravel_pytree(results['cpu'][1])
-  np.testing.assert_allclose(flat_cpu, flat_xla, rtol=1e-3, atol=1e-4 * np.abs(flat_xla).max())
+    results[kernel] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  (loss_xla, state_xla), grads_xla = results['xla']
+  (loss_cpu, state_cpu), grads_cpu = results['cpu']
+  np.testing.assert_allclose(loss_cpu, loss_xla, rtol=1e-5)
+  for a, b in ((grads_cpu, grads_xla), (state_cpu, state_xla)):
+    flat_a, _ = jax.flatten_util.ravel_pytree(a)
+    flat_b, _ = jax.flatten_util.ravel_pytree(b)
+    assert flat_a.shape == flat_b.shape
+    if flat_b.size:
+      np.testing.assert_allclose(flat_a, flat_b, rtol=1e-3, atol=1e-4 * np.abs(flat_b).max())
 
 
-def _lowered_text(kernel: str) -> str:
-  model, _ = _lnu(kernel)
+def _lowered_text(kernel: str, name: str = 'lnu') -> str:
+  model = _model(name, kernel)
   x = jnp.zeros((2, 16, 16, 1))
   variables = models.init_variables(model, jax.random.key(0), 16)
-  grad = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x, train=True)))
-  return jax.jit(grad).lower(variables['params']).as_text()
+
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(logits)
+
+  return jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
 
 
-def test_auto_uses_the_kernel_on_cpu_and_xla_never_does():
+@pytest.mark.parametrize('name', ['lnu', 'ibu'])
+def test_auto_uses_the_kernels_on_cpu_and_xla_never_does(name):
   assert jax.default_backend() == 'cpu'
-  auto = _lowered_text('auto')
-  assert 'lvseg_layer_norm_relu_fwd' in auto and 'lvseg_layer_norm_relu_bwd' in auto
-  assert 'lvseg_layer_norm_relu' not in _lowered_text('xla')
+  auto = _lowered_text('auto', name)
+  for target in ('lvseg_norm_moments', 'lvseg_norm_affine_relu', 'lvseg_norm_relu_grad_sums',
+                 'lvseg_norm_relu_grad_apply'):
+    assert target in auto
+  assert 'lvseg_norm' not in _lowered_text('xla', name)
 
 
-def test_env_switch_turns_the_kernel_off(monkeypatch):
+def test_env_switch_turns_the_kernels_off(monkeypatch):
   monkeypatch.setenv('LVSEG_CPU_KERNELS', '0')
   assert not cpu_kernels.available()
-  assert 'lvseg_layer_norm_relu' not in _lowered_text('auto')
+  assert 'lvseg_norm' not in _lowered_text('auto')
   with pytest.raises(ValueError, match='LVSEG_CPU_KERNELS'):
     _lowered_text('cpu')
 
 
 def test_bad_kernel_name_and_dtype_give_clear_errors():
   with pytest.raises(ValueError, match="choose one of \\('auto', 'xla', 'cpu'\\)"):
-    _lnu('cuda')
+    _model('lnu', 'cuda')
   layer = norms.LayerNorm(relu=True, kernel='cpu')
   with pytest.raises(ValueError, match='float32'):
     layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2), jnp.bfloat16))
@@ -162,17 +226,18 @@ def test_build_caches_the_library(monkeypatch, tmp_path):
   assert cpu_kernels.build() == path and path.stat().st_mtime_ns == mtime
 
 
-def test_batch_sharded_over_devices_equals_one_device():
-  """Under a jit with the batch split over CPU devices the kernel sees its shard or the
+@pytest.mark.parametrize('which', sorted(NORMS))
+def test_batch_sharded_over_devices_equals_one_device(which):
+  """Under a jit with the batch split over CPU devices the kernels see their shard or the
   gathered batch; either way the result is the single-device one."""
   if jax.device_count() < 2:
     pytest.skip('needs 2 host devices (tests/conftest.py sets 8)')
   x = _rand((4, 8, 8, 8), seed=9, loc=1.0)
   scale, bias, upstream = _rand((8,), seed=10), _rand((8,), seed=11), _rand(x.shape, seed=12)
-  single = _apply_and_grads('cpu', x, scale, bias, upstream)
+  single = _apply_and_grads(which, 'cpu', x, scale, bias, upstream)
   mesh = Mesh(np.array(jax.devices()[:2]), ('batch',))
   sharded_x = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P('batch')))
   sharded_up = jax.device_put(jnp.asarray(upstream), NamedSharding(mesh, P('batch')))
-  split = _apply_and_grads('cpu', sharded_x, scale, bias, sharded_up)
-  for got, want in zip(split, single):
+  split = _apply_and_grads(which, 'cpu', sharded_x, scale, bias, sharded_up)
+  for got, want in zip(split[:4], single[:4]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
