@@ -3,7 +3,7 @@
 The full-size passes of a normalization followed by a ReLU (`csrc/norm_relu.cc`): moments,
 affine + ReLU, and the two passes of its backward pass. XLA:CPU runs them as several fusions
 and reductions; the kernels make one pass each on XLA's intra-op thread pool
-(docs/BENCHMARKS.md, "Ninth run"). `lvseg_jax.norms` uses them for BatchNorm, InstanceNorm and
+(docs/BENCHMARKS.md, "Tenth run"). `lvseg_jax.norms` uses them for BatchNorm, InstanceNorm and
 LayerNorm with `relu=True` on the CPU, and keeps the arithmetic on the statistics in JAX. It
 falls back to the XLA formulas elsewhere, for other dtypes, or when they cannot be built.
 

@@ -282,7 +282,7 @@ class BatchNorm(nn.Module):
     relu: apply the ReLU that follows the layer in a conv block as part of it. On the CPU
       (`kernel` 'auto' or 'cpu') the layer's full-size passes then run as C++ kernels
       (`lvseg_jax.cpu_kernels`): the same function, faster than XLA:CPU's (docs/BENCHMARKS.md,
-      "Ninth run"). Their backward pass is not itself differentiable (no second derivatives).
+      "Tenth run"). Their backward pass is not itself differentiable (no second derivatives).
     kernel: one of `NORM_KERNELS`; only used with `relu`.
   """
   use_running_average: bool | None = None

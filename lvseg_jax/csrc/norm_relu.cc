@@ -11,9 +11,9 @@
 //   NormReluGradApply dx = dz * k + x * xk + off
 // The ReLU mask is recomputed from x with the forward pass's own fma, so it is the same mask.
 //
-// Why: XLA:CPU runs these passes as several fusions and YNNPACK reductions, 1.1-1.9x slower
-// (docs/BENCHMARKS.md, "Ninth run"). Work is split into (sample, pixel range) tasks on XLA's
-// intra-op thread pool.
+// Why: XLA:CPU runs these passes as several fusions and YNNPACK reductions, 1.2-2.9x slower
+// per layer at U-Net shapes, batch 8, except at the smallest (docs/BENCHMARKS.md, "Tenth run").
+// Work is split into (sample, pixel range) tasks on XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
