@@ -274,13 +274,14 @@ class UNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None) -> dict[str, Any]:
+def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None,
+                   norm: str) -> dict[str, Any]:
+  """UNet keyword arguments, with the normalization layers' for the model's `norm`."""
   if cfg.dtype not in DTYPES:
     raise ValueError(f'Unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}.')
   return dict(num_classes=cfg.num_classes, base_width=cfg.base_width, depth=cfg.depth,
               axis_name=axis_name, dtype=DTYPES[cfg.dtype],
-              norm_kwargs=dict(momentum=cfg.bn_momentum, epsilon=cfg.norm_epsilon,
-                               kernel=_norm_kernel(cfg)))
+              norm_kwargs=_norm_kwargs_for(norm, cfg))
 
 
 def _norm_kernel(cfg: ml_collections.ConfigDict) -> str:
@@ -303,16 +304,14 @@ def build_unet(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> 
   if cfg.norm not in ('none', 'batch', 'layer', 'instance'):
     raise ValueError(f"unet takes model.norm in ('none', 'batch', 'layer', 'instance'), "
                      f'got {cfg.norm!r}.')
-  kwargs = _common_kwargs(cfg, axis_name)
-  kwargs['norm_kwargs'] = _norm_kwargs_for(cfg.norm, cfg)
-  return UNet(block_norms=(cfg.norm,) * (2 * cfg.depth + 1), **kwargs)
+  return UNet(block_norms=(cfg.norm,) * (2 * cfg.depth + 1),
+              **_common_kwargs(cfg, axis_name, cfg.norm))
 
 
 def build_lnu(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> UNet:
   """LNU-Net: LayerNorm after every convolution."""
-  kwargs = _common_kwargs(cfg, axis_name)
-  kwargs['norm_kwargs'] = _norm_kwargs_for('layer', cfg)
-  return UNet(block_norms=('layer',) * (2 * cfg.depth + 1), **kwargs)
+  return UNet(block_norms=('layer',) * (2 * cfg.depth + 1),
+              **_common_kwargs(cfg, axis_name, 'layer'))
 
 
 def build_ibu(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> UNet:
@@ -320,7 +319,7 @@ def build_ibu(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> U
   if cfg.ibn_mode not in norms.IBN_MODES:
     raise ValueError(f'Unknown model.ibn_mode {cfg.ibn_mode!r}; choose one of '
                      f'{norms.IBN_MODES}.')
-  kwargs = _common_kwargs(cfg, axis_name)
+  kwargs = _common_kwargs(cfg, axis_name, 'ibn')
   kwargs['ibn_kwargs'] = dict(mode=cfg.ibn_mode, ratio=cfg.ibn_ratio)
   block_norms = ('ibn',) + ('batch',) * (2 * cfg.depth)
   return UNet(block_norms=block_norms, **kwargs)
