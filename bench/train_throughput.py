@@ -6,8 +6,9 @@ alike), one step after another:
     model code as first committed (`bench/baseline/models.py`, `norms.py`) and the optimizer
     state per parameter leaf, as it was then;
   * `jax-after`:  the same train step with the current `lvseg_jax.models` and defaults;
-  * `jax-after-xla`: `jax-after` with `model.norm_kernel='xla'` (the normalization layers
-    by XLA's formulas instead of the C++ kernels), for an A/B of the kernels;
+  * `jax-after-xla`: `jax-after` with `model.norm_kernel='xla'` and `model.conv_kernel='xla'`
+    (normalizations and 3x3 convolutions by XLA instead of the C++ kernels), for an A/B of the
+    kernels; `jax-after-xlaconv`: only the convolutions by XLA;
   * `torch`:      the same U-Net in PyTorch eager (`bench/torch_unet.py`), Adam, same loss.
 
 Reported: the median (or `--stat=min`) step time over `--iters` steps, as images/s, and the JAX / PyTorch
@@ -60,7 +61,7 @@ def parse_args(argv=None):
   p.add_argument('--stat', default='median', choices=('median', 'min'),
                  help='step time statistic (min is the least load-sensitive)')
   p.add_argument('--jax', default='before,after',
-                 help='which JAX model code: before,after,after-xla')
+                 help='which JAX model code: before,after,after-xla,after-xlaconv')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--torch-threads', type=int, default=0, help='0: PyTorch default')
   p.add_argument('--torch-formats', default='nchw',
@@ -130,10 +131,13 @@ def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', aug
   else:
     from lvseg_jax import models as models_mod  # pylint: disable=g-import-not-at-top
   config = model_config(name, width, depth, dtype)
+  if impl in ('after-xla', 'after-xlaconv'):
+    config.model.conv_kernel = 'xla'
   if impl == 'after-xla':
     config.model.norm_kernel = 'xla'
-  elif impl not in ('before', 'after'):
-    raise ValueError(f"--jax: unknown {impl!r}; choose from 'before', 'after', 'after-xla'.")
+  elif impl not in ('before', 'after', 'after-xlaconv'):
+    raise ValueError(f"--jax: unknown {impl!r}; choose from 'before', 'after', 'after-xla', "
+                     "'after-xlaconv'.")
   if impl == 'before':
     config.train.flatten_optimizer = False  # the first version's per-leaf optimizer state
   config.data.image_size = size

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.bn_momentum = 0.9      # Flax convention: running = m * running + (1 - m) * batch
   model.norm_epsilon = 1e-5
   model.norm_kernel = 'auto'   # norm + ReLU: auto (C++ kernels on CPU) | xla | cpu
+  model.conv_kernel = 'auto'   # 3x3 convolutions: auto (C++ kernels on CPU) | xla | cpu
   model.dtype = 'float32'      # activation dtype: float32 | bfloat16 (statistics stay float32)
   model.upsample = 'transpose'  # transpose (2x2 transposed conv, as in the paper)
 

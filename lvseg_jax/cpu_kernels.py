@@ -33,13 +33,17 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-_SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'norm_relu.cc'
+_CSRC = pathlib.Path(__file__).parent / 'csrc'
+_SOURCES = (_CSRC / 'norm_relu.cc', _CSRC / 'conv3x3.cc')
+_HEADERS = (_CSRC / 'parallel.h',)
 # FFI target name -> the handler symbol in the library.
 _TARGETS = {
     'lvseg_norm_moments': 'LvsegNormMoments',
     'lvseg_norm_affine_relu': 'LvsegNormAffineRelu',
     'lvseg_norm_relu_grad_sums': 'LvsegNormReluGradSums',
     'lvseg_norm_relu_grad_apply': 'LvsegNormReluGradApply',
+    'lvseg_conv3x3': 'LvsegConv3x3',
+    'lvseg_conv3x3_kernel_grad': 'LvsegConv3x3KernelGrad',
 }
 _FLAGS = ('-O3', '-std=c++17', '-fopenmp-simd', '-shared', '-fPIC', '-Wno-attributes',
           '-Wno-return-type')
@@ -73,13 +77,13 @@ def cache_dir() -> pathlib.Path:
 def _library_path(compiler: str) -> pathlib.Path:
   import jaxlib  # pylint: disable=import-outside-toplevel
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), ' '.join((*_FLAGS, _NATIVE_FLAG)).encode(),
+  for part in (*(f.read_bytes() for f in (*_SOURCES, *_HEADERS)), ' '.join((*_FLAGS, _NATIVE_FLAG)).encode(),
                compiler.encode(),
                jaxlib.__version__.encode(), jax.ffi.include_dir().encode(),
                _cpu_identity().encode()):
     key.update(part)
     key.update(b'\0')
-  return cache_dir() / f'norm_relu-{key.hexdigest()[:16]}.so'
+  return cache_dir() / f'lvseg_kernels-{key.hexdigest()[:16]}.so'
 
 
 def build() -> pathlib.Path:
@@ -101,8 +105,9 @@ def build() -> pathlib.Path:
   os.close(fd)
   try:
     for extra in ([_NATIVE_FLAG], []):
-      cmd = [compiler, *_FLAGS, *extra, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', tmp]
-      logging.info('Building the normalization CPU kernels: %s', ' '.join(cmd))
+      cmd = [compiler, *_FLAGS, *extra, f'-I{jax.ffi.include_dir()}', *map(str, _SOURCES),
+             '-o', tmp]
+      logging.info('Building the CPU kernels: %s', ' '.join(cmd))
       result = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if result.returncode == 0:
         break
@@ -116,11 +121,12 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
-def _register() -> None:
+def _register() -> ctypes.CDLL:
   library = ctypes.CDLL(str(build()))
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
+  return library
 
 
 def enabled() -> bool:
@@ -174,3 +180,24 @@ def relu_grad_apply(dy: Array, x: Array, a: Array, b: Array, k: Array, xk: Array
   """dz * k + x * xk + off (dz as in `relu_grad_sums`), all coefficients per (sample, channel)."""
   return _call('lvseg_norm_relu_grad_apply', jax.ShapeDtypeStruct(x.shape, jnp.float32), dy, x,
                a, b, k, xk, off)
+
+
+def conv3x3_available() -> bool:
+  """Whether the 3x3 convolution kernels can run: `available()` and built with AVX-512."""
+  if not available():
+    return False
+  with _lock:
+    return bool(_register().LvsegConv3x3Supported())
+
+
+def conv3x3(x: Array, kernel: Array) -> Array:
+  """3x3 stride-1 'SAME' convolution, NHWC x HWIO -> NHWC; output channels a multiple of 16."""
+  n, h, w, _ = x.shape
+  return _call('lvseg_conv3x3', jax.ShapeDtypeStruct((n, h, w, kernel.shape[-1]), jnp.float32),
+               x, kernel)
+
+
+def conv3x3_kernel_grad(x: Array, dy: Array) -> Array:
+  """The kernel gradient of `conv3x3`: (3, 3, C, O) for x (N, H, W, C) and dy (N, H, W, O)."""
+  return _call('lvseg_conv3x3_kernel_grad',
+               jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32), x, dy)

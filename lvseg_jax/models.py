@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 import ml_collections
 
+from lvseg_jax import cpu_kernels
 from lvseg_jax import norms
 
 Array = jax.Array
@@ -129,16 +130,66 @@ def _conv_swapped_bwd(padding, precision, residuals, dy):
 _conv_swapped_kernel_grad.defvjp(_conv_swapped_fwd, _conv_swapped_bwd)
 
 
+# How a 3x3 convolution is computed: 'auto' takes the C++ kernels (`cpu_kernels.conv3x3`) on
+# the CPU where they were measured faster than XLA's (float32, channels multiples of 16, at
+# least 32x32 pixels: docs/BENCHMARKS.md, "Eleventh run") and XLA otherwise; 'xla' always XLA;
+# 'cpu' the kernels wherever the layer's form allows them, or an error if they are unavailable.
+CONV_KERNELS = ('auto', 'xla', 'cpu')
+_KERNEL_CHANNELS = 16
+_KERNEL_MIN_PIXELS = 32 * 32
+
+
+@jax.custom_vjp
+def _conv3x3_cpu(x: Array, kernel: Array) -> Array:
+  """A 3x3 stride-1 'SAME' NHWC convolution and its gradients by the C++ kernels."""
+  return cpu_kernels.conv3x3(x, kernel)
+
+
+def _conv3x3_cpu_fwd(x, kernel):
+  return cpu_kernels.conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_cpu_bwd(residuals, dy):
+  x, kernel = residuals
+  # The input gradient is the convolution of dy with the kernel flipped in space and its
+  # input and output channels swapped ('SAME' 3x3 padding is symmetric).
+  dx = cpu_kernels.conv3x3(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
+  return dx, cpu_kernels.conv3x3_kernel_grad(x, dy)
+
+
+_conv3x3_cpu.defvjp(_conv3x3_cpu_fwd, _conv3x3_cpu_bwd)
+
+
+def _conv3x3_kernel_applies(lhs: Array, rhs: Array, padding: tuple[tuple[int, int], ...],
+                            kernel: str) -> bool:
+  """Whether `kernel` sends this plain stride-1 NHWC convolution to `_conv3x3_cpu`."""
+  if kernel not in CONV_KERNELS:
+    raise ValueError(f'Unknown convolution kernel {kernel!r}; choose one of {CONV_KERNELS}.')
+  if kernel == 'xla':
+    return False
+  fits = (rhs.shape[:2] == (3, 3) and padding == ((1, 1), (1, 1))
+          and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+          and rhs.shape[2] % _KERNEL_CHANNELS == 0 and rhs.shape[3] % _KERNEL_CHANNELS == 0)
+  if kernel == 'cpu':
+    if fits and not cpu_kernels.conv3x3_available():
+      raise ValueError("Convolution kernel 'cpu' is not available (disabled by "
+                       'LVSEG_CPU_KERNELS, no AVX-512, or it failed to build: see the log).')
+    return fits
+  return (fits and lhs.shape[1] * lhs.shape[2] >= _KERNEL_MIN_PIXELS
+          and cpu_kernels.conv3x3_available())
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
                          padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                         precision: Any = None) -> Array:
+                         precision: Any = None, kernel: str = 'auto') -> Array:
   """`lax.conv_general_dilated` (for `nn.Conv(conv_general_dilated=...)`), same values.
 
-  On the CPU backend, a plain stride-1 2-D NHWC convolution with at most 16 output channels,
-  fewer than its input channels (the 32 -> 16 decoder convolution at width 16, the 1x1 head),
-  gets the swapped kernel gradient above; everything else goes to `lax.conv_general_dilated`
-  unchanged.
+  On the CPU backend, a plain stride-1 2-D NHWC convolution goes
+  * to the C++ kernels (`_conv3x3_cpu`) if it is a 'SAME' 3x3 one that `kernel` allows there;
+  * else, with at most 16 output channels, fewer than its input channels (the 1x1 head), to the
+    swapped kernel gradient above;
+  everything else to `lax.conv_general_dilated` unchanged.
   """
   plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -148,12 +199,15 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
       or any(s != 1 for s in window_strides)
       or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
-      or not _swapped_kernel_grad_pays(rhs.shape[2], rhs.shape[3])):
+      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)):
     return plain()
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if _conv3x3_kernel_applies(lhs, rhs, padding, kernel):
+    return _conv3x3_cpu(lhs, rhs)
+  if not _swapped_kernel_grad_pays(rhs.shape[2], rhs.shape[3]):
+    return plain()
   return _conv_swapped_kernel_grad(lhs, rhs, padding, precision)
 
 
@@ -192,6 +246,7 @@ class ConvBlock(nn.Module):
   norm: str = 'none'
   norm_kwargs: dict[str, Any] | None = None
   dtype: Any = jnp.float32
+  conv_kernel: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -200,8 +255,9 @@ class ConvBlock(nn.Module):
     for i in range(2):
       # A bias before a normalization with its own bias is redundant.
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none',
-                  dtype=self.dtype, conv_general_dilated=conv_general_dilated,
-                  name=f'conv{i}')(x)
+                  dtype=self.dtype, name=f'conv{i}',
+                  conv_general_dilated=functools.partial(conv_general_dilated,
+                                                         kernel=self.conv_kernel))(x)
       fuse_relu = self.norm in norms.RELU_FUSING_NORMS
       norm = norm_cls(name=f'norm{i}', **kwargs, **({'relu': True} if fuse_relu else {}))
       if self.norm in norms.STATEFUL_NORMS:
@@ -226,6 +282,7 @@ class UNet(nn.Module):
     ibn_kwargs: extra keyword arguments for InstanceBatchNorm layers (mode, ratio).
     axis_name: mapped axis over which BatchNorm statistics are averaged (pmap / shard_map).
     dtype: activation dtype; parameters and normalization statistics stay float32.
+    conv_kernel: how the 3x3 convolutions are computed, one of `CONV_KERNELS`.
   """
   num_classes: int = 2
   base_width: int = 64
@@ -235,6 +292,7 @@ class UNet(nn.Module):
   ibn_kwargs: dict[str, Any] | None = None
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_kernel: str = 'auto'
 
   def _block(self, index: int, features: int, name: str) -> ConvBlock:
     norm = self.block_norms[index]
@@ -247,7 +305,8 @@ class UNet(nn.Module):
       kwargs.update(self.ibn_kwargs or {})
     if norm not in norms.RELU_FUSING_NORMS:
       kwargs.pop('kernel', None)
-    return ConvBlock(features, norm=norm, norm_kwargs=kwargs, dtype=self.dtype, name=name)
+    return ConvBlock(features, norm=norm, norm_kwargs=kwargs, dtype=self.dtype,
+                     conv_kernel=self.conv_kernel, name=name)
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -279,8 +338,12 @@ def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None,
   """UNet keyword arguments, with the normalization layers' for the model's `norm`."""
   if cfg.dtype not in DTYPES:
     raise ValueError(f'Unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}.')
+  conv_kernel = cfg.get('conv_kernel', 'auto')
+  if conv_kernel not in CONV_KERNELS:
+    raise ValueError(f'Unknown model.conv_kernel {conv_kernel!r}; choose one of '
+                     f'{CONV_KERNELS}.')
   return dict(num_classes=cfg.num_classes, base_width=cfg.base_width, depth=cfg.depth,
-              axis_name=axis_name, dtype=DTYPES[cfg.dtype],
+              axis_name=axis_name, dtype=DTYPES[cfg.dtype], conv_kernel=conv_kernel,
               norm_kwargs=_norm_kwargs_for(norm, cfg))
 
 

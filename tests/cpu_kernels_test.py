@@ -1,5 +1,11 @@
-"""The C++ normalization + ReLU kernels against NumPy, PyTorch and the library's XLA path."""
+"""The C++ kernels (normalization + ReLU, 3x3 convolution) against NumPy, PyTorch and the
+library's XLA path."""
 
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
 
 import jax
 import jax.flatten_util
@@ -239,3 +245,193 @@ def test_batch_sharded_over_devices_equals_one_device(which):
   split = _apply_and_grads(which, 'cpu', sharded_x, scale, bias, sharded_up)
   for got, want in zip(split[:4], single[:4]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- 3x3 convolution kernels
+
+def _conv_reference_float64(x, kernel, dy):
+  """y, dx and dkernel of a 3x3 'SAME' NHWC convolution by PyTorch's conv2d in float64."""
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).double()
+  kt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).double()
+  xt.requires_grad_(True)
+  kt.requires_grad_(True)
+  y = torch.nn.functional.conv2d(xt, kt, padding=1)
+  y.backward(torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2))).double())
+  return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+          kt.grad.numpy().transpose(2, 3, 1, 0))
+
+
+def _conv_numpy_float64(x, kernel):
+  """The forward pass as the sum over the nine taps of shifted-input matmuls, in NumPy."""
+  n, h, w, _ = x.shape
+  padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(padded[:, p:p + h, q:q + w, :] @ kernel[p, q].astype(np.float64)
+             for p in range(3) for q in range(3))
+
+
+def _conv_kernel_path(x, kernel, dy, which):
+  conv = lambda a, b: models.conv_general_dilated(a, b, (1, 1), 'SAME',
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                                  kernel=which)
+  y, vjp = jax.vjp(jax.jit(conv), jnp.asarray(x), jnp.asarray(kernel))
+  dx, dk = vjp(jnp.asarray(dy))
+  return np.asarray(y), np.asarray(dx), np.asarray(dk)
+
+
+@pytest.mark.parametrize('shape, out_channels', [
+    ((1, 1, 1, 16), 16),       # every tap but the centre reads padding
+    ((2, 5, 7, 16), 32),       # rows shorter than a tile of pixels
+    ((1, 37, 19, 32), 16),     # 19 = 16 + 2 + 1 pixels: every tile size
+    ((3, 33, 40, 48), 64),     # four output vectors per tile; several tasks per sample
+    ((2, 20, 21, 64), 48),     # 48 = three single-vector tiles
+    ((4, 70, 64, 16), 16),     # several row blocks and partial sums in the kernel gradient
+    ((1, 6, 6, 16), 128),
+])
+def test_conv3x3_kernels_match_pytorch_and_numpy_float64(shape, out_channels):
+  if not cpu_kernels.conv3x3_available():
+    pytest.skip('the convolution kernels need AVX-512')
+  x = _rand(shape, seed=20, loc=0.3)
+  kernel = _rand((3, 3, shape[-1], out_channels), seed=21) / np.sqrt(9 * shape[-1])
+  dy = _rand(shape[:3] + (out_channels,), seed=22)
+  ours = _conv_kernel_path(x, kernel, dy, 'cpu')
+  reference = _conv_reference_float64(x, kernel, dy)
+  np.testing.assert_allclose(reference[0], _conv_numpy_float64(x, kernel), rtol=1e-10,
+                             atol=1e-10)
+  for name, got, want in zip(('y', 'dx', 'dkernel'), ours, reference):
+    assert got.shape == want.shape, name
+    # float32 sums of 9 * C (y, dx) or N * H * W (dkernel) terms.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * np.abs(want).max(),
+                               err_msg=name)
+
+
+def test_conv3x3_kernels_equal_xla_within_float32_rounding():
+  if not cpu_kernels.conv3x3_available():
+    pytest.skip('the convolution kernels need AVX-512')
+  x = _rand((2, 32, 32, 32), seed=23)
+  kernel = _rand((3, 3, 32, 16), seed=24) / np.sqrt(9 * 32)
+  dy = _rand((2, 32, 32, 16), seed=25)
+  for got, want in zip(_conv_kernel_path(x, kernel, dy, 'cpu'),
+                       _conv_kernel_path(x, kernel, dy, 'xla')):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_conv3x3_kernel_rejects_shapes_it_does_not_take():
+  if not cpu_kernels.conv3x3_available():
+    pytest.skip('the convolution kernels need AVX-512')
+  x = jnp.ones((1, 4, 4, 16))
+  with pytest.raises(Exception, match='output channels must be a multiple of 16'):
+    jax.block_until_ready(cpu_kernels.conv3x3(x, jnp.ones((3, 3, 16, 8))))
+  with pytest.raises(Exception, match=r'kernel must be \(3, 3, in, out\)'):
+    jax.block_until_ready(cpu_kernels.conv3x3(x, jnp.ones((3, 3, 8, 16))))
+  with pytest.raises(Exception, match='input and output channels must be multiples of 16'):
+    jax.block_until_ready(cpu_kernels.conv3x3_kernel_grad(jnp.ones((1, 4, 4, 8)), x))
+
+
+def _lhs_rhs(size, cin, cout, dtype=jnp.float32, kernel_size=3):
+  return (jnp.zeros((2, size, size, cin), dtype),
+          jnp.zeros((kernel_size, kernel_size, cin, cout), dtype))
+
+
+def test_which_convolutions_take_the_kernels():
+  """'auto': float32 3x3 'SAME' layers with channels in 16s from 32x32 pixels up (where they
+  were measured faster); 'cpu' at any size; 'xla' never."""
+  applies = models._conv3x3_kernel_applies  # pylint: disable=protected-access
+  same = ((1, 1), (1, 1))
+  expected = cpu_kernels.conv3x3_available()
+  assert applies(*_lhs_rhs(32, 16, 16), same, 'auto') == expected
+  assert applies(*_lhs_rhs(128, 64, 32), same, 'auto') == expected
+  assert not applies(*_lhs_rhs(16, 128, 128), same, 'auto')
+  assert applies(*_lhs_rhs(16, 128, 128), same, 'cpu') == expected
+  assert not applies(*_lhs_rhs(128, 16, 16), same, 'xla')
+  for lhs_rhs, padding in [(_lhs_rhs(64, 1, 16), same),                      # first layer
+                           (_lhs_rhs(64, 16, 8), same),
+                           (_lhs_rhs(64, 16, 16, jnp.bfloat16), same),
+                           (_lhs_rhs(64, 16, 16, kernel_size=5), ((2, 2), (2, 2))),
+                           (_lhs_rhs(64, 16, 16), ((0, 0), (0, 0)))]:        # 'VALID'
+    assert not applies(*lhs_rhs, padding, 'auto')
+    assert not applies(*lhs_rhs, padding, 'cpu')
+  with pytest.raises(ValueError, match=r"choose one of \('auto', 'xla', 'cpu'\)"):
+    applies(*_lhs_rhs(64, 16, 16), same, 'onednn')
+
+
+def _conv_model(name: str, conv_kernel: str, width: int = 16) -> models.UNet:
+  config = default_config.get_config()
+  config.model.name = 'unet' if name == 'unet_bn' else name
+  config.model.norm = 'batch' if name == 'unet_bn' else 'none'
+  config.model.base_width = width
+  config.model.depth = 1
+  config.model.conv_kernel = conv_kernel
+  return models.get_model(config.model)
+
+
+@pytest.mark.parametrize('name', ['unet', 'ibu'])
+def test_models_loss_and_gradients_equal_with_and_without_the_conv_kernels(name):
+  if not cpu_kernels.conv3x3_available():
+    pytest.skip('the convolution kernels need AVX-512')
+  x = jnp.asarray(_rand((2, 32, 32, 1), seed=26))
+  labels = jnp.asarray(_rand((2, 32, 32), seed=27) > 0, jnp.int32)
+  variables = models.init_variables(_conv_model(name, 'xla'), jax.random.key(1), 32)
+  results = {}
+  for conv_kernel in ('xla', 'auto'):
+    model = _conv_model(name, conv_kernel)
+
+    def loss(params, model=model):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    results[conv_kernel] = step(variables['params'])
+    lowered = step.lower(variables['params']).as_text()
+    # Under 'auto' three of the six 3x3 layers take the kernels: the second of the 32x32
+    # encoder block and both of the decoder block; not the 1-channel first layer, and not the
+    # 16x16 bottleneck's two (below the 32x32 pixels where the kernels pay).
+    assert lowered.count('lvseg_conv3x3_kernel_grad') == (3 if conv_kernel == 'auto' else 0)
+  (loss_xla, grads_xla), (loss_cpu, grads_cpu) = results['xla'], results['auto']
+  np.testing.assert_allclose(loss_cpu, loss_xla, rtol=1e-5)
+  flat_cpu, _ = jax.flatten_util.ravel_pytree(grads_cpu)
+  flat_xla, _ = jax.flatten_util.ravel_pytree(grads_xla)
+  np.testing.assert_allclose(flat_cpu, flat_xla, rtol=1e-3, atol=1e-4 * np.abs(flat_xla).max())
+
+
+def test_conv_kernels_under_a_batch_sharded_jit_equal_one_device():
+  if not cpu_kernels.conv3x3_available():
+    pytest.skip('the convolution kernels need AVX-512')
+  if jax.device_count() < 2:
+    pytest.skip('needs 2 host devices (tests/conftest.py sets 8)')
+  x = _rand((4, 8, 8, 16), seed=28)
+  kernel = _rand((3, 3, 16, 16), seed=29) / 12.0
+  dy = _rand((4, 8, 8, 16), seed=30)
+  single = _conv_kernel_path(x, kernel, dy, 'cpu')
+  mesh = Mesh(np.array(jax.devices()[:2]), ('batch',))
+  split = _conv_kernel_path(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P('batch'))),
+                            kernel,
+                            jax.device_put(jnp.asarray(dy), NamedSharding(mesh, P('batch'))),
+                            'cpu')
+  for got, want in zip(split, single):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_env_switch_turns_the_conv_kernels_off(monkeypatch):
+  monkeypatch.setenv('LVSEG_CPU_KERNELS', '0')
+  assert not cpu_kernels.conv3x3_available()
+  assert not models._conv3x3_kernel_applies(  # pylint: disable=protected-access
+      *_lhs_rhs(64, 16, 16), ((1, 1), (1, 1)), 'auto')
+  with pytest.raises(ValueError, match='LVSEG_CPU_KERNELS'):
+    models._conv3x3_kernel_applies(  # pylint: disable=protected-access
+        *_lhs_rhs(64, 16, 16), ((1, 1), (1, 1)), 'cpu')
+
+
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'), reason='x86-64 flags')
+def test_conv_kernels_report_unsupported_without_avx512(tmp_path):
+  """Built for a CPU without AVX-512 the library still loads, and says the convolution
+  kernels cannot run (so the models keep XLA's convolutions)."""
+  compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  if compiler is None:
+    pytest.skip('no C++ compiler')
+  library = tmp_path / 'kernels.so'
+  subprocess.run([compiler, '-O1', '-std=c++17', '-shared', '-fPIC', '-march=x86-64-v3',
+                  f'-I{jax.ffi.include_dir()}',
+                  *(str(source) for source in cpu_kernels._SOURCES),  # pylint: disable=protected-access
+                  '-o', str(library)], check=True, capture_output=True)
+  assert ctypes.CDLL(str(library)).LvsegConv3x3Supported() == 0
