@@ -1,14 +1,19 @@
 """Hand-written CPU kernels, called from JAX through XLA's FFI.
 
-The full-size passes of a normalization followed by a ReLU (`csrc/norm_relu.cc`): moments,
-affine + ReLU, and the two passes of its backward pass. XLA:CPU runs them as several fusions
-and reductions; the kernels make one pass each on XLA's intra-op thread pool
-(docs/BENCHMARKS.md, "Tenth run"). `lvseg_jax.norms` uses them for BatchNorm, InstanceNorm and
-LayerNorm with `relu=True` on the CPU, and keeps the arithmetic on the statistics in JAX. It
-falls back to the XLA formulas elsewhere, for other dtypes, or when they cannot be built.
-
-Each kernel views its input as (N, P, C): samples first, channels last, everything between
-flattened. Per-statistic inputs and outputs have one value per (sample, channel), shape (N, C).
+* The full-size passes of a normalization followed by a ReLU (`csrc/norm_relu.cc`): moments,
+  affine + ReLU, and the two passes of its backward pass. XLA:CPU runs them as several fusions
+  and reductions; the kernels make one pass each on XLA's intra-op thread pool
+  (docs/BENCHMARKS.md, "Tenth run"). `lvseg_jax.norms` uses them for BatchNorm, InstanceNorm
+  and LayerNorm with `relu=True` on the CPU, and keeps the arithmetic on the statistics in JAX.
+  It falls back to the XLA formulas elsewhere, for other dtypes, or when they cannot be built.
+  Each of these kernels views its input as (N, P, C): samples first, channels last, everything
+  between flattened. Per-statistic inputs and outputs have one value per (sample, channel),
+  shape (N, C).
+* A 3x3 stride-1 'SAME' convolution of NHWC activations with an HWIO kernel, and its kernel
+  gradient (`csrc/conv3x3.cc`), as register-tiled AVX-512 loops; `lvseg_jax.models` uses them
+  for the U-Nets' 3x3 convolutions on the CPU (`model.conv_kernel`; docs/BENCHMARKS.md,
+  "Eleventh run"). On a CPU without AVX-512 they are built but report themselves unsupported
+  (`conv3x3_available()`), and XLA's convolutions are used.
 
 The source is compiled on first use with the system C++ compiler against the FFI headers that
 ship with jaxlib, and cached per source, jaxlib version and CPU (`-march=native`) under

@@ -20,9 +20,12 @@ CPU backend runs them as fast kernels, computing exactly what `nn.ConvTranspose`
     like `select_and_scatter` (which XLA CPU runs as an index-tracking reduce-window + scatter);
   * `conv_general_dilated`, the convolutions' kernel gradient computed with the roles of
     input and output gradient swapped where the layer has few output channels.
-BatchNorm, InstanceNorm and LayerNorm apply the block's ReLU themselves (`relu=True`), so that
-on the CPU their full-size passes run as C++ kernels (`lvseg_jax.cpu_kernels`;
-`model.norm_kernel`).
+On the CPU, two parts run as C++ kernels (`lvseg_jax.cpu_kernels`), with the same values and
+gradients:
+  * the 3x3 convolutions with channels in multiples of 16, from 32x32 pixels up, forward and
+    both gradients (`conv_general_dilated`; `model.conv_kernel`);
+  * BatchNorm, InstanceNorm and LayerNorm, which apply the block's ReLU themselves
+    (`relu=True`; `model.norm_kernel`).
 """
 
 import functools

@@ -189,6 +189,7 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (O % kLanes != 0) {
     return ffi::Error::InvalidArgument("conv3x3 kernel: output channels must be a multiple of 16");
   }
+  if (s.n * s.h * s.w == 0) return ffi::Error::Success();
   const int64_t rows_per_task = RowsPerTask(s, O);
   const int64_t tasks_per_sample = (s.h + rows_per_task - 1) / rows_per_task;
   const int64_t row_stride = (s.w + 2) * s.c;
@@ -232,6 +233,10 @@ ffi::Error Conv3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "conv3x3 kernel: input and output channels must be multiples of 16");
   }
   const int64_t taps = 9 * C * O;
+  if (s.n * s.h * s.w == 0) {
+    std::fill(dk->typed_data(), dk->typed_data() + taps, 0.0f);
+    return ffi::Error::Success();
+  }
   // Row blocks whose padded input stays in the L2 cache over the 9 taps.
   const int64_t rows_per_block = std::clamp<int64_t>(
       (1 << 16) / std::max<int64_t>(1, (s.w + 2) * C), 1, s.h);
