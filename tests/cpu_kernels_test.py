@@ -135,14 +135,25 @@ def test_batchnorm_kernels_under_shard_map_equal_global_batch(num_devices):
     np.testing.assert_allclose(stats[key], reference[4][key], rtol=1e-5, atol=1e-5)
 
 
-def _model(name: str, kernel: str) -> models.UNet:
+def _model(name: str, norm_kernel: str = 'auto', conv_kernel: str = 'auto', width: int = 4,
+           depth: int = 2) -> models.UNet:
   config = default_config.get_config()
   config.model.name = 'unet' if name == 'unet_bn' else name
   config.model.norm = 'batch' if name == 'unet_bn' else 'none'
-  config.model.base_width = 4
-  config.model.depth = 2
-  config.model.norm_kernel = kernel
+  config.model.base_width = width
+  config.model.depth = depth
+  config.model.norm_kernel = norm_kernel
+  config.model.conv_kernel = conv_kernel
   return models.get_model(config.model)
+
+
+def _loss_with_state(model, variables, x, labels):
+  """params -> (a cross-entropy-like loss of the model's logits, its batch_stats update)."""
+  def loss(params):
+    logits, state = model.apply({**variables, 'params': params}, x, train=True,
+                                mutable=['batch_stats'])
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0)), state
+  return loss
 
 
 @pytest.mark.parametrize('name', ['lnu', 'ibu', 'unet_bn'])
@@ -152,13 +163,7 @@ def test_models_loss_gradients_and_stats_equal_with_and_without_the_kernels(name
   variables = models.init_variables(_model(name, 'xla'), jax.random.key(0), 16)
   results = {}
   for kernel in ('xla', 'cpu'):
-    model = _model(name, kernel)
-
-    def loss(params, model=model):
-      logits, state = model.apply({**variables, 'params': params}, x, train=True,
-                                  mutable=['batch_stats'])
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0)), state
-
+    loss = _loss_with_state(_model(name, kernel), variables, x, labels)
     results[kernel] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
   (loss_xla, state_xla), grads_xla = results['xla']
   (loss_cpu, state_cpu), grads_cpu = results['cpu']
@@ -354,40 +359,25 @@ def test_which_convolutions_take_the_kernels():
     applies(*_lhs_rhs(64, 16, 16), same, 'onednn')
 
 
-def _conv_model(name: str, conv_kernel: str, width: int = 16) -> models.UNet:
-  config = default_config.get_config()
-  config.model.name = 'unet' if name == 'unet_bn' else name
-  config.model.norm = 'batch' if name == 'unet_bn' else 'none'
-  config.model.base_width = width
-  config.model.depth = 1
-  config.model.conv_kernel = conv_kernel
-  return models.get_model(config.model)
-
-
 @pytest.mark.parametrize('name', ['unet', 'ibu'])
 def test_models_loss_and_gradients_equal_with_and_without_the_conv_kernels(name):
   if not cpu_kernels.conv3x3_available():
     pytest.skip('the convolution kernels need AVX-512')
   x = jnp.asarray(_rand((2, 32, 32, 1), seed=26))
   labels = jnp.asarray(_rand((2, 32, 32), seed=27) > 0, jnp.int32)
-  variables = models.init_variables(_conv_model(name, 'xla'), jax.random.key(1), 32)
+  make_model = lambda conv_kernel: _model(name, conv_kernel=conv_kernel, width=16, depth=1)
+  variables = models.init_variables(make_model('xla'), jax.random.key(1), 32)
   results = {}
   for conv_kernel in ('xla', 'auto'):
-    model = _conv_model(name, conv_kernel)
-
-    def loss(params, model=model):
-      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                              mutable=['batch_stats'])
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (labels == 0))
-
-    step = jax.jit(jax.value_and_grad(loss))
+    loss = _loss_with_state(make_model(conv_kernel), variables, x, labels)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     results[conv_kernel] = step(variables['params'])
     lowered = step.lower(variables['params']).as_text()
     # Under 'auto' three of the six 3x3 layers take the kernels: the second of the 32x32
     # encoder block and both of the decoder block; not the 1-channel first layer, and not the
     # 16x16 bottleneck's two (below the 32x32 pixels where the kernels pay).
     assert lowered.count('lvseg_conv3x3_kernel_grad') == (3 if conv_kernel == 'auto' else 0)
-  (loss_xla, grads_xla), (loss_cpu, grads_cpu) = results['xla'], results['auto']
+  ((loss_xla, _), grads_xla), ((loss_cpu, _), grads_cpu) = results['xla'], results['auto']
   np.testing.assert_allclose(loss_cpu, loss_xla, rtol=1e-5)
   flat_cpu, _ = jax.flatten_util.ravel_pytree(grads_cpu)
   flat_xla, _ = jax.flatten_util.ravel_pytree(grads_xla)
