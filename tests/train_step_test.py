@@ -13,12 +13,12 @@ from lvseg_jax import models
 from lvseg_jax import train
 
 
-def _config(name='ibu', parallel='jit', depth=2):
+def _config(name='ibu', parallel='jit', depth=2, width=4, size=16):
   config = smoke.get_config()
   config.model.name = name
-  config.model.base_width = 4
+  config.model.base_width = width
   config.model.depth = depth
-  config.data.image_size = 16
+  config.data.image_size = size
   config.augment.enabled = False   # identical batches on every path
   config.train.parallel = parallel
   config.train.warmup_steps = 0
@@ -123,10 +123,14 @@ def _run(config, devices, batches, use_raw_pmap=False):
                                 {'params': state.params, 'batch_stats': state.batch_stats})
 
 
-@pytest.mark.parametrize('num_devices', [2, 8])
-def test_single_jit_sharded_shard_map_and_pmap_steps_agree(num_devices):
-  batches = [_batch(8, seed=s) for s in range(2)]
-  config = lambda parallel: _config('ibu', parallel, depth=1)
+@pytest.mark.parametrize('num_devices, width, size', [
+    (2, 4, 16),
+    (8, 4, 16),
+    (2, 16, 32),   # here the CPU convolution kernels take the 32x32 layers
+])
+def test_single_jit_sharded_shard_map_and_pmap_steps_agree(num_devices, width, size):
+  batches = [_batch(8, size=size, seed=s) for s in range(2)]
+  config = lambda parallel: _config('ibu', parallel, depth=1, width=width, size=size)
   single = _run(config('jit'), jax.devices()[:1], batches)
   variants = {
       'jit-sharded': _run(config('jit'), jax.devices()[:num_devices], batches),
