@@ -18,7 +18,8 @@
 The source is compiled on first use with the system C++ compiler against the FFI headers that
 ship with jaxlib, and cached per source, jaxlib version and CPU (`-march=native`) under
 `$LVSEG_KERNEL_CACHE` (default `~/.cache/lvseg_jax/kernels`). Set `LVSEG_CPU_KERNELS=0` to
-never build or use them (the model's `norm_kernel='xla'` does the same per model).
+never build or use them (the model's `norm_kernel='xla'` and `conv_kernel='xla'` do the same
+per model).
 """
 
 import ctypes
@@ -40,7 +41,7 @@ Array = jax.Array
 
 _CSRC = pathlib.Path(__file__).parent / 'csrc'
 _SOURCES = (_CSRC / 'norm_relu.cc', _CSRC / 'conv3x3.cc')
-_HEADERS = (_CSRC / 'parallel.h',)
+_HEADERS = (_CSRC / 'common.h',)
 # FFI target name -> the handler symbol in the library.
 _TARGETS = {
     'lvseg_norm_moments': 'LvsegNormMoments',
@@ -82,8 +83,8 @@ def cache_dir() -> pathlib.Path:
 def _library_path(compiler: str) -> pathlib.Path:
   import jaxlib  # pylint: disable=import-outside-toplevel
   key = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in (*_SOURCES, *_HEADERS)), ' '.join((*_FLAGS, _NATIVE_FLAG)).encode(),
-               compiler.encode(),
+  sources = tuple(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+  for part in (*sources, ' '.join((*_FLAGS, _NATIVE_FLAG)).encode(), compiler.encode(),
                jaxlib.__version__.encode(), jax.ffi.include_dir().encode(),
                _cpu_identity().encode()):
     key.update(part)
@@ -145,7 +146,7 @@ def _available() -> bool:
     _register()
     return True
   except (KernelBuildError, OSError, AttributeError) as e:
-    logging.warning('Normalization CPU kernels unavailable, using the XLA formulas: %s', e)
+    logging.warning('CPU kernels (normalization, convolution) unavailable, using XLA: %s', e)
     return False
 
 
@@ -187,12 +188,14 @@ def relu_grad_apply(dy: Array, x: Array, a: Array, b: Array, k: Array, xk: Array
                a, b, k, xk, off)
 
 
+@functools.cache
+def _conv3x3_supported() -> bool:
+  return bool(_register().LvsegConv3x3Supported())
+
+
 def conv3x3_available() -> bool:
   """Whether the 3x3 convolution kernels can run: `available()` and built with AVX-512."""
-  if not available():
-    return False
-  with _lock:
-    return bool(_register().LvsegConv3x3Supported())
+  return available() and _conv3x3_supported()
 
 
 def conv3x3(x: Array, kernel: Array) -> Array:

@@ -341,25 +341,23 @@ def _common_kwargs(cfg: ml_collections.ConfigDict, axis_name: str | None,
   """UNet keyword arguments, with the normalization layers' for the model's `norm`."""
   if cfg.dtype not in DTYPES:
     raise ValueError(f'Unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}.')
-  conv_kernel = cfg.get('conv_kernel', 'auto')
-  if conv_kernel not in CONV_KERNELS:
-    raise ValueError(f'Unknown model.conv_kernel {conv_kernel!r}; choose one of '
-                     f'{CONV_KERNELS}.')
   return dict(num_classes=cfg.num_classes, base_width=cfg.base_width, depth=cfg.depth,
-              axis_name=axis_name, dtype=DTYPES[cfg.dtype], conv_kernel=conv_kernel,
+              axis_name=axis_name, dtype=DTYPES[cfg.dtype],
+              conv_kernel=_kernel_choice(cfg, 'conv_kernel', CONV_KERNELS),
               norm_kwargs=_norm_kwargs_for(norm, cfg))
 
 
-def _norm_kernel(cfg: ml_collections.ConfigDict) -> str:
-  kernel = cfg.get('norm_kernel', 'auto')
-  if kernel not in norms.NORM_KERNELS:
-    raise ValueError(f'Unknown model.norm_kernel {kernel!r}; choose one of '
-                     f'{norms.NORM_KERNELS}.')
+def _kernel_choice(cfg: ml_collections.ConfigDict, field: str, choices: tuple[str, ...]) -> str:
+  """`cfg.<field>` ('auto' where the config predates it), checked against `choices`."""
+  kernel = cfg.get(field, 'auto')
+  if kernel not in choices:
+    raise ValueError(f'Unknown model.{field} {kernel!r}; choose one of {choices}.')
   return kernel
 
 
 def _norm_kwargs_for(norm: str, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  kwargs = dict(epsilon=cfg.norm_epsilon, kernel=_norm_kernel(cfg))
+  kwargs = dict(epsilon=cfg.norm_epsilon,
+                kernel=_kernel_choice(cfg, 'norm_kernel', norms.NORM_KERNELS))
   if norm in norms.STATEFUL_NORMS:
     kwargs['momentum'] = cfg.bn_momentum
   return kwargs

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "parallel.h"
+#include "common.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -35,11 +35,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using lvseg::ParallelFor;
-
-#define RETURN_IF_ERROR(expr)                      \
-  if (ffi::Error error = (expr); error.failure()) { \
-    return error;                                  \
-  }
 
 struct Shape {
   int64_t n = 0, h = 0, w = 0, c = 0;
@@ -149,33 +144,34 @@ void ConvRows(const float* pad, int64_t row_stride, const Shape& s, const float*
   }
 }
 
-// dk for one tap and T input channels x 16 output channels, summed over `rows` rows: adds to
-// dk (at (i0, o0) of the tap, row stride O). `pad` is the padded row of the tap's offset.
-template <int T>
+// Input channels per kernel-gradient tile: 16 accumulator registers.
+constexpr int64_t kGradChannels = 16;
+
+// dk for one tap and kGradChannels input channels x 16 output channels, summed over `rows`
+// rows: adds to dk (at (i0, o0) of the tap, row stride O). `pad` is the padded row of the
+// tap's offset.
 inline void KernelGradTile(const float* __restrict pad, int64_t row_stride, int64_t C,
                            const float* __restrict dy, int64_t W, int64_t O, int64_t rows,
                            float* __restrict dk) {
-  __m512 acc[T];
+  __m512 acc[kGradChannels];
 #pragma GCC unroll 32
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < kGradChannels; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     const float* __restrict xr = pad + r * row_stride;
     const float* __restrict dr = dy + r * W * O;
     for (int64_t w = 0; w < W; ++w) {
       const __m512 d = _mm512_loadu_ps(dr + w * O);
 #pragma GCC unroll 32
-      for (int t = 0; t < T; ++t) {
+      for (int t = 0; t < kGradChannels; ++t) {
         acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(xr[w * C + t]), d, acc[t]);
       }
     }
   }
 #pragma GCC unroll 32
-  for (int t = 0; t < T; ++t) {
+  for (int t = 0; t < kGradChannels; ++t) {
     _mm512_storeu_ps(dk + t * O, _mm512_add_ps(_mm512_loadu_ps(dk + t * O), acc[t]));
   }
 }
-
-constexpr int64_t kGradChannels = 16;
 
 #endif  // __AVX512F__
 
@@ -264,9 +260,8 @@ ffi::Error Conv3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         for (int q = 0; q < 3; ++q) {
           for (int64_t i = 0; i < C; i += kGradChannels) {
             for (int64_t o = 0; o < O; o += kLanes) {
-              KernelGradTile<kGradChannels>(pad.data() + p * row_stride + q * C + i, row_stride,
-                                            C, dyp + o, s.w, O, rows,
-                                            part + ((p * 3 + q) * C + i) * O + o);
+              KernelGradTile(pad.data() + p * row_stride + q * C + i, row_stride, C, dyp + o,
+                             s.w, O, rows, part + ((p * 3 + q) * C + i) * O + o);
             }
           }
         }

@@ -20,13 +20,14 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "parallel.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
@@ -53,7 +54,11 @@ struct Geometry {
   }
 };
 
-ffi::Error GetGeometry(const ffi::Buffer<ffi::F32>& x, Geometry& g) {
+using F32Buffer = ffi::Buffer<ffi::F32>;
+
+// The (N, P, C) view of x; every coefficient must hold one value per (sample, channel).
+ffi::Error GetGeometry(const F32Buffer& x, std::initializer_list<const F32Buffer*> coefficients,
+                       Geometry& g) {
   auto dims = x.dimensions();
   if (dims.size() < 2) {
     return ffi::Error::InvalidArgument("norm kernel: x needs a sample and a channel axis");
@@ -64,32 +69,28 @@ ffi::Error GetGeometry(const ffi::Buffer<ffi::F32>& x, Geometry& g) {
   for (size_t i = 1; i + 1 < dims.size(); ++i) g.pixels *= dims[i];
   g.pixels_per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, g.channels));
   g.tasks_per_sample = (g.pixels + g.pixels_per_task - 1) / g.pixels_per_task;
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckSameShape(const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& b,
-                          const char* what) {
-  if (a.dimensions().size() != b.dimensions().size() ||
-      !std::equal(a.dimensions().begin(), a.dimensions().end(), b.dimensions().begin())) {
-    return ffi::Error::InvalidArgument(std::string("norm kernel: ") + what +
-                                       " must have the shape of x");
+  for (const F32Buffer* v : coefficients) {
+    if (v->element_count() != static_cast<size_t>(g.samples * g.channels)) {
+      return ffi::Error::InvalidArgument(
+          "norm kernel: every coefficient needs one value per (sample, channel)");
+    }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error CheckPerStatistic(const Geometry& g, const ffi::Buffer<ffi::F32>& v,
-                             const char* what) {
-  if (v.element_count() != static_cast<size_t>(g.samples * g.channels)) {
-    return ffi::Error::InvalidArgument(std::string("norm kernel: ") + what +
-                                       " needs one value per (sample, channel)");
+ffi::Error CheckSameShape(const F32Buffer& dy, const F32Buffer& x) {
+  if (dy.dimensions().size() != x.dimensions().size() ||
+      !std::equal(dy.dimensions().begin(), dy.dimensions().end(), x.dimensions().begin())) {
+    return ffi::Error::InvalidArgument("norm kernel: dy must have the shape of x");
   }
   return ffi::Error::Success();
 }
 
-#define RETURN_IF_ERROR(expr)                      \
-  if (ffi::Error error = (expr); error.failure()) { \
-    return error;                                  \
-  }
+// The gradient at the ReLU's input: dy where x * a + b > 0, else 0. The same fma as
+// AffineRelu's, so the backward kernels recompute exactly the forward pass's mask.
+inline float ReluGrad(float dy, float x, float a, float b) {
+  return std::fma(x, a, b) > 0.0f ? dy : 0.0f;
+}
 
 // Per (sample, channel) sums over a task's pixels of two terms, term(p, c, s1, s2) adding to
 // s1 and s2, written to the task's slot of `partial` (2 * C doubles). Channels go in chunks of
@@ -149,7 +150,7 @@ void ReducePartials(const Geometry& g, const std::vector<double>& partial, float
 ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> s1,
                    ffi::ResultBuffer<ffi::F32> s2) {
   Geometry g;
-  RETURN_IF_ERROR(GetGeometry(x, g));
+  RETURN_IF_ERROR(GetGeometry(x, {}, g));
   const int64_t C = g.channels;
   const float* xs = x.typed_data();
   std::vector<double> partial(2 * C * g.tasks());
@@ -169,9 +170,7 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
 ffi::Error AffineRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                       ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y) {
   Geometry g;
-  RETURN_IF_ERROR(GetGeometry(x, g));
-  RETURN_IF_ERROR(CheckPerStatistic(g, a, "a"));
-  RETURN_IF_ERROR(CheckPerStatistic(g, b, "b"));
+  RETURN_IF_ERROR(GetGeometry(x, {&a, &b}, g));
   const int64_t C = g.channels;
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
@@ -195,10 +194,8 @@ ffi::Error ReluGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
                         ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                         ffi::ResultBuffer<ffi::F32> sum_dz, ffi::ResultBuffer<ffi::F32> sum_dz_x) {
   Geometry g;
-  RETURN_IF_ERROR(GetGeometry(x, g));
-  RETURN_IF_ERROR(CheckSameShape(dy, x, "dy"));
-  RETURN_IF_ERROR(CheckPerStatistic(g, a, "a"));
-  RETURN_IF_ERROR(CheckPerStatistic(g, b, "b"));
+  RETURN_IF_ERROR(GetGeometry(x, {&a, &b}, g));
+  RETURN_IF_ERROR(CheckSameShape(dy, x));
   const int64_t C = g.channels;
   const float* xs = x.typed_data();
   const float* dys = dy.typed_data();
@@ -210,7 +207,7 @@ ffi::Error ReluGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
     const float* __restrict dyp = dys + g.offset(task);
     ChannelSums(g, task, [&](int64_t p, int64_t c, float& s1, float& s2) {
       const float xv = xp[p * C + c];
-      const float dz = std::fma(xv, an[c], bn[c]) > 0.0f ? dyp[p * C + c] : 0.0f;
+      const float dz = ReluGrad(dyp[p * C + c], xv, an[c], bn[c]);
       s1 += dz;
       s2 += dz * xv;
     }, &partial[2 * C * task]);
@@ -224,11 +221,8 @@ ffi::Error ReluGradApply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
                          ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> xk,
                          ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> dx) {
   Geometry g;
-  RETURN_IF_ERROR(GetGeometry(x, g));
-  RETURN_IF_ERROR(CheckSameShape(dy, x, "dy"));
-  for (const auto* v : {&a, &b, &k, &xk, &off}) {
-    RETURN_IF_ERROR(CheckPerStatistic(g, *v, "a coefficient"));
-  }
+  RETURN_IF_ERROR(GetGeometry(x, {&a, &b, &k, &xk, &off}, g));
+  RETURN_IF_ERROR(CheckSameShape(dy, x));
   const int64_t C = g.channels;
   const float* xs = x.typed_data();
   const float* dys = dy.typed_data();
@@ -248,7 +242,7 @@ ffi::Error ReluGradApply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const float xv = xp[p * C + c];
-        const float dz = std::fma(xv, an[c], bn[c]) > 0.0f ? dyp[p * C + c] : 0.0f;
+        const float dz = ReluGrad(dyp[p * C + c], xv, an[c], bn[c]);
         dxp[p * C + c] = dz * kn[c] + xv * xkn[c] + offn[c];
       }
     }

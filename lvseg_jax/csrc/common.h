@@ -1,7 +1,8 @@
-// Task-parallel loops on XLA's intra-op thread pool, shared by the FFI kernels in this folder.
+// Shared by the FFI kernels in this folder: error propagation and a task-parallel loop on
+// XLA's intra-op thread pool.
 
-#ifndef LVSEG_JAX_CSRC_PARALLEL_H_
-#define LVSEG_JAX_CSRC_PARALLEL_H_
+#ifndef LVSEG_JAX_CSRC_COMMON_H_
+#define LVSEG_JAX_CSRC_COMMON_H_
 
 #include <algorithm>
 #include <atomic>
@@ -11,6 +12,12 @@
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
+
+// Returns the xla::ffi::Error of `expr` from the enclosing handler if it is a failure.
+#define RETURN_IF_ERROR(expr)                              \
+  if (::xla::ffi::Error error = (expr); error.failure()) { \
+    return error;                                          \
+  }
 
 namespace lvseg {
 
@@ -46,4 +53,4 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t num_tasks,
 
 }  // namespace lvseg
 
-#endif  // LVSEG_JAX_CSRC_PARALLEL_H_
+#endif  // LVSEG_JAX_CSRC_COMMON_H_
