@@ -1,9 +1,9 @@
 """lvseg-jax ablations: train and evaluate a grid of configs, then the comparison table.
 
-  python ablate.py --config=configs/ablation_cpu.py --workdir=runs/ablate --grid=models
-  python ablate.py --config=configs/ablation_cpu.py --workdir=runs/ablate_ibn --grid=ibn_modes \
+  python ablate.py --config=configs/cpu.py --workdir=runs/ablate --grid=models
+  python ablate.py --config=configs/cpu.py --workdir=runs/ablate_ibn --grid=ibn_modes \
       --seeds=0,1,2
-  python ablate.py --config=configs/ablation_cpu.py --workdir=runs/ablate_aug --grid=augment
+  python ablate.py --config=configs/cpu.py --workdir=runs/ablate_aug --grid=augment
   python ablate.py --config=configs/cpu.py --workdir=runs/cv --grid=models --folds=0,1,2,3,4
   python ablate.py --config=configs/smoke.py --workdir=runs/x \
       --grid='{"model.name": ["unet", "ibu"], "augment.elastic": [true, false]}'
@@ -20,7 +20,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from lvseg_jax import runtime
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +39,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  runtime.configure_process()   # before anything below runs JAX
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from lvseg_jax import experiments  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()

@@ -15,7 +15,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from lvseg_jax import runtime
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +32,6 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  runtime.configure_process()   # before anything below runs JAX
   config = FLAGS.config
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()

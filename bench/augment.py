@@ -66,10 +66,10 @@ def scipy_recipe(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
   """The classic per-image recipe: gaussian_filter noise + affine grid + map_coordinates."""
   _, h, w, _ = images.shape
-  f = h / augment.REFERENCE_SIZE
+  f = h / config.reference_size
   sigma = config.elastic_sigma * f
   k = augment.gaussian_kernel1d(sigma)
-  alpha = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, h) * math.sqrt(3) / (
+  alpha = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, h, config.reference_size) * math.sqrt(3) / (
       np.sum(k ** 2))
   rows, cols = np.mgrid[:h, :w].astype(np.float64)
   c = np.array([(h - 1) / 2, (w - 1) / 2])
@@ -105,9 +105,9 @@ def batchgenerators_transform(size: int, config):
   """batchgenerators SpatialTransform with the same ranges (loops over samples internally)."""
   # pylint: disable-next=g-import-not-at-top
   from batchgenerators.transforms.spatial_transforms import SpatialTransform
-  sigma = config.elastic_sigma * size / augment.REFERENCE_SIZE
+  sigma = config.elastic_sigma * size / config.reference_size
   k = augment.gaussian_kernel1d(sigma)
-  alpha = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size) * math.sqrt(
+  alpha = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size, config.reference_size) * math.sqrt(
       3) / np.sum(k ** 2)
   rot = math.radians(config.rotation_deg)
   transform = SpatialTransform(
@@ -150,7 +150,7 @@ def _smooth_banded_matmul(x: jax.Array, sigma: float) -> jax.Array:
 
 
 def _field_fns(size: int, batch: int, config) -> dict[str, Callable]:
-  sigma_px = config.elastic_sigma * size / augment.REFERENCE_SIZE
+  sigma_px = config.elastic_sigma * size / config.reference_size
 
   def full_res(smooth):
     def fn(key):
@@ -167,7 +167,7 @@ def _field_fns(size: int, batch: int, config) -> dict[str, Callable]:
   def coarse_dense(key):
     # The coarse-grid field with the basis applied as two dense matmuls (the first version).
     weights = augment._polyphase_weights(sigma_px) * math.sqrt(  # pylint: disable=protected-access
-        augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size))
+        augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size, config.reference_size))
     g, taps = weights.shape
     m = -(-size // g)
     basis = np.zeros((size, m + taps - 1), np.float32)
@@ -250,8 +250,8 @@ def run(sizes: list[int], batch: int, rounds: int, inner: int = 10,
     fns = {'lvseg_jax (jit, coarse elastic)': _jax_call(ours['coarse'], key, j_images, j_masks),
            'lvseg_jax (jit, conv elastic)': _jax_call(ours['conv'], key, j_images, j_masks),
            'scipy per image': lambda: scipy_recipe(images, masks, rng, config)}
-    sigma_px = config.elastic_sigma * size / augment.REFERENCE_SIZE
-    std = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size)
+    sigma_px = config.elastic_sigma * size / config.reference_size
+    std = augment.elastic_std(config.elastic_alpha, config.elastic_sigma, size, config.reference_size)
     # Control points 2 sigma apart: a cubic B-spline over them has about the Gaussian's width.
     points = max(3, int(round(size / (2 * sigma_px))))
     skipped = {}

@@ -29,10 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.ibn_ratio = 0.5        # ibu split: fraction of channels that get instance norm
   model.bn_momentum = 0.9      # Flax convention: running = m * running + (1 - m) * batch
   model.norm_epsilon = 1e-5
-  model.norm_kernel = 'auto'   # norm + ReLU: auto (C++ kernels on CPU) | xla | cpu
-  model.conv_kernel = 'auto'   # 3x3 convolutions: auto (C++ kernels on CPU) | xla | cpu
   model.dtype = 'float32'      # activation dtype: float32 | bfloat16 (statistics stay float32)
-  model.upsample = 'transpose'  # transpose (2x2 transposed conv, as in the paper)
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
@@ -99,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.flatten_optimizer = True     # optimizer state as one flat vector (same update, faster)
   train.dice_weight = 1.0
   train.ce_weight = 1.0
-  train.parallel = 'jit'             # jit (NamedSharding over a mesh) | pmap (axis_name='batch')
+  train.parallel = 'jit'             # jit (NamedSharding over a mesh) | shard_map (axis 'batch')
   train.num_devices = 0              # data-parallel over this many local devices; 0 = all
   train.log_every = 10
   train.eval_every_epochs = 5
@@ -118,8 +115,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- prediction
   config.predict = pr = ml_collections.ConfigDict()
-  pr.input = ''                      # used when --input is not given
-  pr.output = ''                     # used when --output is not given
   pr.checkpoint = 'best'             # best | latest
   pr.batch_size = 16                 # frames per jitted forward pass (last batch padded)
   pr.largest_component = True        # keep the largest 4-connected component of each mask

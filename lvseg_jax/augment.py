@@ -45,7 +45,6 @@ Array = jax.Array
 
 MODES = ('constant', 'nearest', 'wrap', 'mirror', 'reflect')
 ELASTIC_METHODS = ('coarse', 'conv')
-REFERENCE_SIZE = 256
 _TRUNCATE = 4.0  # Gaussian kernels are cut at 4 sigma, as in scipy.ndimage.gaussian_filter
 # The coarse basis is cut at 3 sigma: the squared tail beyond it holds erfc(3) ~ 2e-5 of the
 # variance, and 7 taps instead of 9 make the full-resolution pass ~20% cheaper.
@@ -264,8 +263,7 @@ def _upsample_axis(nodes: Array, weights: np.ndarray, size: int, axis: int) -> A
   return jax.lax.slice_in_dim(out.reshape(shape), 0, size, axis=axis)
 
 
-def elastic_std(alpha: float, sigma: float, size: float,
-                reference_size: int = REFERENCE_SIZE) -> float:
+def elastic_std(alpha: float, sigma: float, size: float, reference_size: int) -> float:
   """Pointwise std (pixels, per axis) of the elastic displacement at image size `size`.
 
   Simard's field `alpha * gaussian_filter(U(-1, 1), sigma)` at `reference_size` has std
@@ -278,7 +276,7 @@ def elastic_std(alpha: float, sigma: float, size: float,
 
 
 def elastic_field(key: Array, shape: Sequence[int], alpha: float, sigma: float,
-                  method: str = 'coarse', reference_size: int = REFERENCE_SIZE) -> Array:
+                  method: str, reference_size: int) -> Array:
   """Random smooth displacement field (Simard et al. 2003), resolution-independent.
 
   Args:
@@ -347,20 +345,16 @@ def adjust_intensity(image: Array, gamma: Array | None = None, contrast: Array |
 # ------------------------------------------------------------------------------- config -> params
 
 
-def _get(config: ml_collections.ConfigDict, name: str, default):
-  return config.get(name, default) if hasattr(config, 'get') else getattr(config, name, default)
-
-
 def _pair(value) -> tuple[float, float]:
   lo, hi = value
   return float(lo), float(hi)
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
-  mode = _get(config, 'mode', 'constant')
+  mode = config.mode
   if mode not in MODES:
     raise ValueError(f'Unknown augment mode {mode!r}; choose one of {MODES}.')
-  method = _get(config, 'elastic_method', 'coarse')
+  method = config.elastic_method
   if method not in ELASTIC_METHODS:
     raise ValueError(f'Unknown elastic_method {method!r}; choose one of {ELASTIC_METHODS}.')
 
@@ -388,50 +382,50 @@ def sample_params(key: Array, shape: Sequence[int],
   # compiled graph (and compile time) small.
   u = jax.random.uniform(key_scalars, (10,), jnp.float32)
   matrix = jnp.eye(3, dtype=jnp.float32)
-  if _get(config, 'affine', True):
-    rot = float(_get(config, 'rotation_deg', 0.0))
+  if config.affine:
+    rot = float(config.rotation_deg)
     angle = _between(u[0], -rot, rot)
-    iso = _between(u[1], *_pair(_get(config, 'scale', (1.0, 1.0))))
+    iso = _between(u[1], *_pair(config.scale))
     # sqrt split keeps the aspect factor symmetric between the axes (area set by `iso` alone).
-    aspect = jnp.sqrt(_between(u[2], *_pair(_get(config, 'aspect', (1.0, 1.0)))))
-    frac = float(_get(config, 'translation_frac', 0.0))
+    aspect = jnp.sqrt(_between(u[2], *_pair(config.aspect)))
+    frac = float(config.translation_frac)
     shift = (_between(u[3], -frac, frac) * h, _between(u[4], -frac, frac) * w)
-    flip_ud = (u[5] < 0.5) if _get(config, 'flip_ud', False) else False
-    flip_lr = (u[6] < 0.5) if _get(config, 'flip_lr', False) else False
+    flip_ud = (u[5] < 0.5) if config.flip_ud else False
+    flip_lr = (u[6] < 0.5) if config.flip_lr else False
     matrix = affine_matrix((h, w), angle, (iso * aspect, iso / aspect), shift,
                            (flip_ud, flip_lr))
   displacement = None
   if _elastic_enabled(config):
     displacement = elastic_field(key_elastic, (h, w), float(config.elastic_alpha),
                                  float(config.elastic_sigma),
-                                 _get(config, 'elastic_method', 'coarse'),
-                                 int(_get(config, 'reference_size', REFERENCE_SIZE)))
-    prob = float(_get(config, 'elastic_prob', 1.0))
+                                 config.elastic_method,
+                                 int(config.reference_size))
+    prob = float(config.elastic_prob)
     if prob < 1:
       displacement = displacement * (u[7] < prob).astype(jnp.float32)
   gamma = contrast = noise = None
-  if _get(config, 'intensity', False):
-    g_lo, g_hi = _pair(_get(config, 'gamma', (1.0, 1.0)))
+  if config.intensity:
+    g_lo, g_hi = _pair(config.gamma)
     if (g_lo, g_hi) != (1.0, 1.0):
       # Log-uniform, so (0.8, 1.25) brightens as often as it darkens.
       gamma = jnp.exp(_between(u[8], math.log(g_lo), math.log(g_hi)))
-    c_lo, c_hi = _pair(_get(config, 'contrast', (1.0, 1.0)))
+    c_lo, c_hi = _pair(config.contrast)
     if (c_lo, c_hi) != (1.0, 1.0):
       contrast = _between(u[9], c_lo, c_hi)
-    noise_std = float(_get(config, 'noise_std', 0.0))
+    noise_std = float(config.noise_std)
     if noise_std > 0:
       noise = noise_std * jax.random.normal(key_noise, (h, w, c), jnp.float32)
   return AugmentParams(matrix, displacement, gamma, contrast, noise)
 
 
 def _elastic_enabled(config: ml_collections.ConfigDict) -> bool:
-  return bool(_get(config, 'elastic', False) and float(_get(config, 'elastic_alpha', 0.0)) > 0
-              and float(_get(config, 'elastic_sigma', 0.0)) > 0
-              and float(_get(config, 'elastic_prob', 1.0)) > 0)
+  return bool(config.elastic and float(config.elastic_alpha) > 0
+              and float(config.elastic_sigma) > 0
+              and float(config.elastic_prob) > 0)
 
 
 def _spatial_enabled(config: ml_collections.ConfigDict) -> bool:
-  return bool(_get(config, 'affine', True)) or _elastic_enabled(config)
+  return bool(config.affine) or _elastic_enabled(config)
 
 
 def apply_params(params: AugmentParams, image: Array, mask: Array,
@@ -439,8 +433,8 @@ def apply_params(params: AugmentParams, image: Array, mask: Array,
   """Applies explicit parameters to one (H, W, C) image and its (H, W) mask."""
   if _spatial_enabled(config):
     coords = _coordinates(params.matrix, image.shape[:2], params.displacement)
-    image, mask = warp(image, mask, coords, _get(config, 'mode', 'constant'),
-                       float(_get(config, 'cval', 0.0)))
+    image, mask = warp(image, mask, coords, config.mode,
+                       float(config.cval))
   if any(p is not None for p in (params.gamma, params.contrast, params.noise)):
     image = adjust_intensity(image, params.gamma, params.contrast, params.noise)
   return image, mask
@@ -449,7 +443,7 @@ def apply_params(params: AugmentParams, image: Array, mask: Array,
 def augment_sample(key: Array, image: Array, mask: Array,
                    config: ml_collections.ConfigDict) -> tuple[Array, Array]:
   """Augments one (H, W, C) image and its (H, W) mask; `augment` vmaps this."""
-  if not _get(config, 'enabled', True):
+  if not config.enabled:
     return image, mask
   return apply_params(sample_params(key, image.shape, config), image, mask, config)
 
@@ -470,7 +464,7 @@ def augment(key: Array, images: Array, masks: Array,
     (images, masks) with the input shapes and dtypes; the inputs themselves if
     `config.enabled` is False.
   """
-  if not _get(config, 'enabled', True):
+  if not config.enabled:
     return images, masks
   _check(config)
   keys = jax.random.split(key, images.shape[0])

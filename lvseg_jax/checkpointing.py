@@ -56,13 +56,32 @@ def flatten_config(config: Any) -> dict[str, Any]:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The configuration a run in `workdir` was trained with."""
+  """The configuration a run in `workdir` was trained with.
+
+  Laid over `configs/default.py`: a field added since the run was saved takes its default
+  (defaults keep earlier behaviour), and a field that no longer exists is dropped (logged).
+  """
+  from configs import default  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no config.json; is {workdir!r} a lvseg-jax training '
                             'workdir?')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = flatten_config(json.load(f))
+  config = default.get_config()
+  current = flatten_config(config)
+  dropped = sorted(set(saved) - set(current))
+  if dropped:
+    logging.info('%s: ignoring field(s) this version no longer has: %s', path, dropped)
+  for key in sorted(set(saved) & set(current)):
+    section, _, field = key.rpartition('.')
+    node = config
+    for part in filter(None, section.split('.')):
+      node = node[part]
+    value = saved[key]
+    node[field] = tuple(value) if isinstance(current[key], tuple) else value
+  return config
 
 
 class Checkpointer:

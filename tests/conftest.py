@@ -4,7 +4,10 @@ import functools
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Appended, not set by default: an exported XLA_FLAGS must not leave the multi-device tests
+# comparing one device with itself (they also assert the device count).
+os.environ['XLA_FLAGS'] = ' '.join(filter(None, (os.environ.get('XLA_FLAGS', ''),
+                                                 '--xla_force_host_platform_device_count=8')))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # noqa: E402

@@ -1,5 +1,6 @@
 """U-Net family: shapes, parameter counts, where state lives, configs, registry errors."""
 
+import functools
 import glob
 import importlib.util
 import os
@@ -178,89 +179,22 @@ def test_every_config_loads_and_builds_its_model(path):
     assert config.model.name == expected
 
 
-def test_fast_pool_and_upconv_equal_flax_layers_in_value_and_gradient():
-  """The CPU-friendly max pool / 2x2 transposed conv compute what nn.max_pool and
-  nn.ConvTranspose compute, gradients included (ties in the pool too)."""
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 8, 6, 3)).astype(np.float32)
-  x[0, 0:2, 0:2, 0] = 1.0   # an exact tie inside one window
-  w = rng.normal(size=(2, 4, 3, 3)).astype(np.float32)
-  pool_ref = lambda a: jnp.sum(nn.max_pool(a, (2, 2), strides=(2, 2)) * w)
-  pool_new = lambda a: jnp.sum(models.max_pool_2x2(a) * w)
-  np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
-  np.testing.assert_array_equal(jax.grad(pool_new)(x), jax.grad(pool_ref)(x))
-
-  ref = nn.ConvTranspose(5, (2, 2), strides=(2, 2))
-  new = models.UpConv2x2(5)
-  variables = ref.init(jax.random.key(0), x)
-  variables = jax.tree_util.tree_map(
-      lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), variables)
-  assert (jax.tree_util.tree_structure(new.init(jax.random.key(0), x)) ==
-          jax.tree_util.tree_structure(variables))
-  np.testing.assert_allclose(new.apply(variables, x), ref.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
-  wy = rng.normal(size=(2, 16, 12, 5)).astype(np.float32)
-  g_new = jax.grad(lambda v, a: jnp.sum(new.apply(v, a) * wy), argnums=(0, 1))(variables, x)
-  g_ref = jax.grad(lambda v, a: jnp.sum(ref.apply(v, a) * wy), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def _np_conv_kernel_grad(x, dy, kernel_size, padding):
-  """dK[p, q, i, o] = sum over n, h, w of xpad[n, h + p, w + q, i] * dy[n, h, w, o]."""
-  (lo_h, hi_h), (lo_w, hi_w) = padding
-  xpad = np.pad(x.astype(np.float64), ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
-  _, h, w, _ = dy.shape
-  return np.stack([np.stack([np.einsum('nhwi,nhwo->io', xpad[:, p:p + h, q:q + w], dy)
-                             for q in range(kernel_size[1])]) for p in range(kernel_size[0])])
-
-
-@pytest.mark.parametrize('in_ch,out_ch,padding,swapped,size', [
-    (6, 4, 'SAME', True, 3),              # few output channels, more input channels
-    (20, 16, ((0, 2), (2, 0)), True, 3),  # asymmetric explicit padding
-    (5, 3, 'VALID', True, 3),
-    (16, 2, 'SAME', True, 1),             # the 1x1 head
-    (4, 6, 'SAME', False, 3),             # more output than input channels: XLA's own gradient
-    (40, 32, 'SAME', False, 3),           # more than 16 output channels
-])
-def test_conv_with_swapped_kernel_gradient_equals_lax(in_ch, out_ch, padding, swapped, size):
-  """`models.conv_general_dilated` in nn.Conv: same output, input and kernel gradients as
-  lax's convolution, and the kernel gradient against a NumPy sum over shifted windows."""
-  rng = np.random.default_rng(in_ch)
-  x = rng.normal(size=(3, 9, 7, in_ch)).astype(np.float32)
-  plain = nn.Conv(out_ch, (size, size), padding=padding)
-  custom = nn.Conv(out_ch, (size, size), padding=padding,
-                   conv_general_dilated=models.conv_general_dilated)
-  variables = plain.init(jax.random.key(0), x)
-  out = plain.apply(variables, x)
-  dy = rng.normal(size=out.shape).astype(np.float32)
-  loss = lambda module: lambda v, a: jnp.sum(module.apply(v, a) * dy)
-  np.testing.assert_allclose(custom.apply(variables, x), out, rtol=1e-5, atol=1e-5)
-  g_custom = jax.grad(loss(custom), argnums=(0, 1))(variables, x)
-  g_plain = jax.grad(loss(plain), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g_custom), jax.tree_util.tree_leaves(g_plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  pads = jax.lax.padtype_to_pads((9, 7), (size, size), (1, 1), padding) if isinstance(
-      padding, str) else padding
-  np.testing.assert_allclose(g_custom[0]['params']['kernel'],
-                             _np_conv_kernel_grad(x, dy, (size, size), pads),
-                             rtol=1e-4, atol=1e-4)
-  jaxpr = str(jax.make_jaxpr(loss(custom))(variables, x))
-  # Only XLA:CPU gets the swapped form (it was measured there); elsewhere lax's own gradient.
-  assert ('custom_vjp' in jaxpr) == (swapped and jax.default_backend() == 'cpu')
-
-
-def test_swapped_kernel_gradient_keeps_bfloat16_and_strided_convs_fall_back():
-  x = jnp.ones((2, 8, 8, 8), jnp.bfloat16)
-  conv = nn.Conv(4, (3, 3), padding='SAME', dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 conv_general_dilated=models.conv_general_dilated)
-  variables = conv.init(jax.random.key(0), x)
-  grads = jax.grad(lambda v: jnp.sum(conv.apply(v, x).astype(jnp.float32)))(variables)
-  assert grads['params']['kernel'].dtype == jnp.float32
-  assert conv.apply(variables, x).dtype == jnp.bfloat16
-  strided = nn.Conv(4, (3, 3), strides=2, conv_general_dilated=models.conv_general_dilated)
-  jaxpr = str(jax.make_jaxpr(lambda v: strided.apply(v, x.astype(jnp.float32)))(variables))
-  assert 'custom_vjp' not in jaxpr
-  np.testing.assert_allclose(
-      strided.apply(variables, x.astype(jnp.float32)),
-      nn.Conv(4, (3, 3), strides=2).apply(variables, x.astype(jnp.float32)), rtol=1e-6)
+def test_injected_flax_batchnorm_gives_the_bn_unet():
+  """The norm is injected as a ModuleDef: Flax's own BatchNorm in its place is an oracle for
+  our BN U-Net (same parameter tree, same outputs and running statistics)."""
+  cfg = _model_config('unet', norm='batch')
+  ours = models.get_model(cfg)
+  theirs = models.UNet(norm=functools.partial(nn.BatchNorm, momentum=cfg.bn_momentum,
+                                              epsilon=cfg.norm_epsilon),
+                       base_width=cfg.base_width, depth=cfg.depth, use_bias=False)
+  x = np.random.default_rng(0).normal(2.0, 3.0, size=(3, 16, 16, 1)).astype(np.float32)
+  variables = models.init_variables(ours, jax.random.key(0), 16)
+  assert (jax.tree_util.tree_structure(variables) ==
+          jax.tree_util.tree_structure(models.init_variables(theirs, jax.random.key(0), 16)))
+  for train in (True, False):
+    y1, s1 = ours.apply(variables, x, train=train, mutable=['batch_stats'])
+    y2, s2 = theirs.apply(variables, x, train=train, mutable=['batch_stats'])
+    # float32 through 10 conv + norm layers; both normalize with E[x^2] - E[x]^2.
+    np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

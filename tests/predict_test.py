@@ -22,6 +22,7 @@ from lvseg_jax import checkpointing
 from lvseg_jax import contours
 from lvseg_jax import data
 from lvseg_jax import export
+from lvseg_jax import metrics
 from lvseg_jax import models
 from lvseg_jax import predict
 
@@ -156,7 +157,7 @@ def test_postprocess_keeps_the_largest_component_and_fills_holes():
 def test_auto_contour_file_round_trip(tmp_path):
   y, x = np.mgrid[:64, :64]
   disk = ((x - 30.3) ** 2 + (y - 25.7) ** 2 <= 11.0 ** 2).astype(np.uint8)
-  contour = predict.metrics.mask_to_contour(disk)
+  contour = metrics.mask_to_contour(disk)
   path = export.write_auto_contour(str(tmp_path), 48, contour)
   assert os.path.basename(path) == 'IM-0001-0048-icontour-auto.txt'
   with open(path) as f:

@@ -1,0 +1,180 @@
+"""The inference core: a jitted (optionally test-time augmented) forward pass over frames,
+probabilities mapped back to each frame's grid, post-processing and the automatic contour."""
+
+import dataclasses
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from scipy import ndimage
+
+from lvseg_jax import data as data_lib
+from lvseg_jax import metrics
+
+# The label of the LV cavity in the model's output.
+LV_CLASS = 1
+
+# Test-time augmentation: (number of 90-degree rotations, left-right flip) pairs.
+TTA_TRANSFORMS = {
+    'none': ((0, False),),
+    'lr': ((0, False), (0, True)),                             # identity, left-right flip
+    'flips': ((0, False), (0, True), (2, False), (2, True)),  # id, lr, lr+ud (= rot180), ud
+    'd4': tuple((k, flip) for flip in (False, True) for k in range(4)),  # all 8 symmetries
+}
+
+
+@dataclasses.dataclass
+class Prediction:
+  """The model's output for one frame, on the frame's original grid."""
+  frame: data_lib.Frame
+  probability: np.ndarray          # (H, W) float32 LV probability (TTA mean)
+  mask: np.ndarray                 # (H, W) uint8 {0, 1}, after post-processing
+  contour: np.ndarray              # (P, 2) automatic (x, y) contour; (0, 2) if mask is empty
+  uncertainty: np.ndarray | None   # (H, W) float32 variance of the LV probability across TTA
+
+
+def _transform(x: jax.Array, k: int, flip: bool) -> jax.Array:
+  """Flip left-right (optional), then rotate by k x 90 degrees; NHWC, square images."""
+  if flip:
+    x = jnp.flip(x, axis=2)
+  return jnp.rot90(x, k, axes=(1, 2))
+
+
+def _untransform(x: jax.Array, k: int, flip: bool) -> jax.Array:
+  x = jnp.rot90(x, -k, axes=(1, 2))
+  if flip:
+    x = jnp.flip(x, axis=2)
+  return x
+
+
+def make_forward_fn(model, tta_transforms: str = 'none') -> Callable:
+  """Jitted `(variables, images (B,S,S,C)) -> (probs (B,S,S,K), lv_variance (B,S,S))`.
+
+  With TTA the transformed copies of the batch go through the network as one larger batch;
+  softmax outputs are mapped back and averaged, and the variance of the LV probability across
+  the copies is the uncertainty (0 without TTA).
+  """
+  if tta_transforms not in TTA_TRANSFORMS:
+    raise ValueError(f'Unknown predict.tta_transforms {tta_transforms!r}; choices: '
+                     f'{sorted(TTA_TRANSFORMS)}')
+  transforms = TTA_TRANSFORMS[tta_transforms]
+
+  @jax.jit
+  def forward(variables, images):
+    if len(transforms) > 1 and images.shape[1] != images.shape[2]:
+      raise ValueError(f'TTA rotations need square inputs, got {images.shape[1:3]}')
+    batch = images.shape[0]
+    stacked = jnp.concatenate([_transform(images, k, f) for k, f in transforms], axis=0)
+    probs = jax.nn.softmax(model.apply(variables, stacked, train=False), axis=-1)
+    probs = jnp.stack([_untransform(probs[i * batch:(i + 1) * batch], k, f)
+                       for i, (k, f) in enumerate(transforms)])
+    return probs.mean(axis=0), probs[..., LV_CLASS].var(axis=0)
+
+  return forward
+
+
+def postprocess_mask(mask: np.ndarray, largest_component: bool = True,
+                     fill_holes: bool = True) -> np.ndarray:
+  """Keeps the largest 4-connected component and/or fills holes; returns uint8 {0, 1}.
+
+  Largest component first: a stray blob elsewhere in the image (e.g. the right ventricle) must
+  not count towards the LV volume. Holes come from papillary muscles and trabeculae, which the
+  SCD endocardial contours include in the cavity.
+  """
+  mask = np.asarray(mask) != 0
+  if largest_component:
+    mask = metrics.largest_component(mask)
+  if fill_holes:
+    mask = ndimage.binary_fill_holes(mask)
+  return mask.astype(np.uint8)
+
+
+class _Progress:
+  """tqdm when installed, else a log line every 10% (long series take minutes on CPU)."""
+
+  def __init__(self, total: int, desc: str, enabled: bool):
+    self.total, self.done, self.desc, self._last = total, 0, desc, -1
+    self._bar = None
+    if enabled:
+      try:
+        import tqdm  # pylint: disable=g-import-not-at-top
+        self._bar = tqdm.tqdm(total=total, desc=desc, unit='frame', file=sys.stderr,
+                              leave=False)
+      except ImportError:
+        pass
+    self.enabled = enabled
+
+  def update(self, n: int) -> None:
+    self.done += n
+    if self._bar is not None:
+      self._bar.update(n)
+    elif self.enabled and self.total:
+      decile = 10 * self.done // self.total
+      if decile != self._last:
+        self._last = decile
+        logging.info('%s: %d/%d frames', self.desc, self.done, self.total)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def predict_frames(model, variables: dict[str, Any], frames: Sequence[data_lib.Frame],
+                   config: ml_collections.ConfigDict, *, forward_fn: Callable | None = None,
+                   desc: str = 'predict') -> list[Prediction]:
+  """Segments frames with a model; the core of prediction, independent of checkpoints and I/O.
+
+  Args:
+    model: the Flax module (`models.get_model(config.model)`).
+    variables: {'params'[, 'batch_stats']}.
+    frames: frames at their original resolution (any size; each is preprocessed on its own).
+    config: uses `config.data` (preprocessing, as in training) and `config.predict`
+      (batch_size, tta, tta_transforms, largest_component, fill_holes, progress).
+    forward_fn: a `make_forward_fn` result, to reuse one compiled function across series.
+    desc: progress bar label.
+
+  Returns:
+    One `Prediction` per frame, in order.
+  """
+  batch_size = int(config.predict.batch_size)
+  if batch_size < 1:
+    raise ValueError(f'predict.batch_size must be >= 1, got {batch_size}')
+  tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
+  if forward_fn is None:
+    forward_fn = make_forward_fn(model, tta_mode)
+  variables = jax.device_put(variables)
+  progress = _Progress(len(frames), desc, bool(config.predict.progress) and len(frames) > 0)
+  results: list[Prediction] = []
+  try:
+    for start in range(0, len(frames), batch_size):
+      chunk = frames[start:start + batch_size]
+      prepared = [data_lib.preprocess_image(f.image, config.data) for f in chunk]
+      images = np.stack([image for image, _ in prepared])
+      # Pad to a full batch so every call has one shape and compiles once.
+      pad = batch_size - len(chunk)
+      if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+      probs, variance = jax.device_get(forward_fn(variables, images))
+      for i, (frame, (_, geometry)) in enumerate(zip(chunk, prepared)):
+        probs_o = geometry.invert(np.asarray(probs[i], np.float32), labels=False)
+        probs_o = probs_o.reshape(frame.shape + (-1,))
+        # Outside the network window (crop mode) the inverse fills 0 for every class: background.
+        probs_o[..., 0] = np.where(probs_o.sum(-1) == 0, 1.0, probs_o[..., 0])
+        raw = np.argmax(probs_o, axis=-1) == LV_CLASS
+        mask = postprocess_mask(raw, bool(config.predict.largest_component),
+                                bool(config.predict.fill_holes))
+        uncertainty = None
+        if tta_mode != 'none':
+          uncertainty = np.clip(geometry.invert(np.asarray(variance[i], np.float32),
+                                                labels=False), 0.0, None)
+        results.append(Prediction(frame=frame, probability=probs_o[..., LV_CLASS],
+                                  mask=mask, contour=metrics.mask_to_contour(mask),
+                                  uncertainty=uncertainty))
+      progress.update(len(chunk))
+  finally:
+    progress.close()
+  return results
