@@ -1,36 +1,24 @@
-"""Training throughput (images/s) of the lvseg_jax train step against the PyTorch reference.
+"""Training throughput (images/s) of the lvseg_jax train step against the same U-Net in PyTorch.
 
-Every configuration times, interleaved in one process (so machine load hits all of them
-alike), one step after another:
-  * `jax-before`: the library's real train step (`lvseg_jax.train.make_train_step`) with the
-    model code as first committed (`bench/baseline/models.py`, `norms.py`) and the optimizer
-    state per parameter leaf, as it was then;
-  * `jax-after`:  the same train step with the current `lvseg_jax.models` and defaults;
-  * `jax-after-xla`: `jax-after` with `model.norm_kernel='xla'` and `model.conv_kernel='xla'`
-    (normalizations and 3x3 convolutions by XLA instead of the C++ kernels), for an A/B of the
-    kernels; `jax-after-xlaconv`: only the convolutions by XLA;
-  * `torch`:      the same U-Net in PyTorch eager (`bench/torch_unet.py`), Adam, same loss.
+Both run interleaved in one process (so machine load hits them alike), one step after another:
+  * `jax`:   the library's real train step (`lvseg_jax.train.make_train_step`, jit);
+  * `torch`: the same U-Net in PyTorch eager (`bench/torch_unet.py`), Adam, same loss.
 
-Reported: the median (or `--stat=min`) step time over `--iters` steps, as images/s, and the JAX / PyTorch
-throughput ratio. Augmentation is off by default (`--augment` turns it on: it runs inside the
-JAX step, so it is then charged to JAX only).
+Reported: the median (or `--stat=min`) step time over `--iters` steps, as images/s, and the
+JAX / PyTorch throughput ratio. Augmentation is off by default (`--augment` turns it on: it
+runs inside the JAX step, so it is then charged to JAX only).
 
-  python bench/train_throughput.py                                   # everything, ~15 min
+  python bench/train_throughput.py --sizes 128 --widths 16,32                # CPU, ~5 min
   python bench/train_throughput.py --models unet_bn --sizes 128 --widths 16 --iters 5
-  python bench/train_throughput.py --jax after --dtype bfloat16      # bf16 activations
-  python bench/train_throughput.py --jax after --torch-formats nchw,channels_last
-  python bench/train_throughput.py --jax after --widths 16,32,64 --batch 16 --iters 30 \
-      --iters-256 30 --dtype bfloat16          # on a GPU: PyTorch on CUDA too, bf16 autocast
+  python bench/train_throughput.py --torch-formats nchw,channels_last
+  python bench/train_throughput.py --widths 16,32,64 --batch 16 --iters 30 --iters-256 30 \
+      --dtype bfloat16          # on a GPU: PyTorch on CUDA too, bf16 autocast
 
 Device: JAX runs on its default backend; PyTorch on CUDA when JAX's backend is a GPU and
 PyTorch sees one (`--torch-device` overrides), with `cudnn.benchmark` on, as GPU users run it.
 On a GPU, float32 convolutions use TF32 in both frameworks (their defaults). `--dtype
 bfloat16` gives JAX bf16 activations (float32 parameters, statistics and optimizer) and
 PyTorch `torch.autocast(dtype=torch.bfloat16)`.
-
-Process defaults: the library's allocator settings and XLA CPU flags (`lvseg_jax.runtime`,
-as `main.py` applies them) unless `--no-library-flags`; `LVSEG_MALLOC_DEFAULTS=0` or
-`LVSEG_XLA_DEFAULTS=0` turns off one of the two; `--xla-flags='...'` appends more flags.
 """
 
 import argparse
@@ -60,8 +48,6 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--stat', default='median', choices=('median', 'min'),
                  help='step time statistic (min is the least load-sensitive)')
-  p.add_argument('--jax', default='before,after',
-                 help='which JAX model code: before,after,after-xla,after-xlaconv')
   p.add_argument('--no-torch', action='store_true')
   p.add_argument('--torch-threads', type=int, default=0, help='0: PyTorch default')
   p.add_argument('--torch-formats', default='nchw',
@@ -74,30 +60,9 @@ def parse_args(argv=None):
   p.add_argument('--dtype', default='float32',
                  help='activation dtype (float32|bfloat16): JAX model.dtype, PyTorch autocast')
   p.add_argument('--augment', action='store_true', help='augmentation inside the JAX step')
-  add_xla_args(p)
+  p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
   p.add_argument('--json', default='', help='write the results here')
   return p.parse_args(argv)
-
-
-def add_xla_args(p: argparse.ArgumentParser) -> None:
-  """The XLA options `setup_xla` reads, shared by the bench scripts that time JAX steps."""
-  p.add_argument('--no-library-flags', action='store_true',
-                 help="do not apply lvseg_jax.runtime's defaults (allocator, XLA flags)")
-  p.add_argument('--xla-flags', default='', help='extra XLA_FLAGS, appended')
-
-
-def setup_xla(args) -> dict[str, int]:
-  """The library's process defaults, as main.py applies them (before JAX starts).
-
-  Returns the allocator settings applied.
-  """
-  malloc = {}
-  if not args.no_library_flags:
-    from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
-    malloc, _ = runtime.configure_process()
-  if args.xla_flags:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
-  return malloc
 
 
 def model_config(name, width, depth, dtype='float32'):
@@ -121,25 +86,13 @@ def make_batch(batch, size, seed=0):
   return images, masks
 
 
-def build_jax_step(impl, name, width, size, batch, depth=4, dtype='float32', augment=False):
+def build_jax_step(name, width, size, batch, depth=4, dtype='float32', augment=False):
   """Returns run() -> loss (a jax.Array), one library train step per call."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvseg_jax import models as models_mod  # pylint: disable=g-import-not-at-top
   from lvseg_jax import train  # pylint: disable=g-import-not-at-top
-  if impl == 'before':
-    from bench.baseline import models as models_mod  # pylint: disable=g-import-not-at-top
-  else:
-    from lvseg_jax import models as models_mod  # pylint: disable=g-import-not-at-top
   config = model_config(name, width, depth, dtype)
-  if impl in ('after-xla', 'after-xlaconv'):
-    config.model.conv_kernel = 'xla'
-  if impl == 'after-xla':
-    config.model.norm_kernel = 'xla'
-  elif impl not in ('before', 'after', 'after-xlaconv'):
-    raise ValueError(f"--jax: unknown {impl!r}; choose from 'before', 'after', 'after-xla', "
-                     "'after-xlaconv'.")
-  if impl == 'before':
-    config.train.flatten_optimizer = False  # the first version's per-leaf optimizer state
   config.data.image_size = size
   config.train.batch_size = batch
   config.augment.enabled = augment
@@ -231,7 +184,8 @@ def environment(device: str = 'cpu'):
 
 def main(argv=None):
   args = parse_args(argv)
-  malloc = setup_xla(args)
+  if args.xla_flags:   # before JAX starts
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   import jax  # pylint: disable=g-import-not-at-top
   device = ''
   if not args.no_torch:  # --no-torch runs where PyTorch is not installed
@@ -241,9 +195,9 @@ def main(argv=None):
     device = torch_device(args.torch_device)
     if device == 'cuda':
       torch.backends.cudnn.benchmark = True
-  env = {**environment(device), 'malloc': malloc}
+  env = environment(device)
   print(json.dumps(env))
-  impls = [i for i in args.jax.split(',') if i]
+  impls = ['jax']
   formats = ['channels_last'] if args.channels_last else [
       f for f in args.torch_formats.split(',') if f]
   if args.no_torch:
@@ -257,9 +211,9 @@ def main(argv=None):
                 else (lambda out: None))
   results = []
   header = (f"{'model':8} {'size':>4} {'width':>5} " +
-            ' '.join(f'{"jax-" + i:>11}' for i in impls) +
+            ' '.join(f'{i:>11}' for i in impls) +
             ''.join(f' {label:>8}' for label in torch_labels.values()) + ' ' +
-            ' '.join(f'{"jax-" + i + "/" + label:>20}' for label in torch_labels.values()
+            ' '.join(f'{i + "/" + label:>20}' for label in torch_labels.values()
                      for i in impls) + '   (images/s)')
   print(header, flush=True)
   for size in [int(s) for s in args.sizes.split(',')]:
@@ -268,9 +222,8 @@ def main(argv=None):
       for name in args.models.split(','):
         runners = {}
         for impl in impls:
-          runners['jax-' + impl] = (build_jax_step(impl, name, width, size, args.batch,
-                                                   args.depth, args.dtype, args.augment),
-                                    jax.block_until_ready)
+          runners[impl] = (build_jax_step(name, width, size, args.batch, args.depth,
+                                          args.dtype, args.augment), jax.block_until_ready)
         for fmt, label in torch_labels.items():
           runners[label] = (build_torch_step(name, width, size, args.batch, args.depth,
                                              fmt == 'channels_last', device, args.dtype),
@@ -298,12 +251,12 @@ def main(argv=None):
         # ratio: JAX / PyTorch NCHW (the default eager model); ratio_cl: / channels_last.
         for label, key in (('torch', 'ratio'), ('torch-cl', 'ratio_cl')):
           if label in ips:
-            row[key] = {k: ips[k] / ips[label] for k in ips if k.startswith('jax-')}
+            row[key] = {k: ips[k] / ips[label] for k in ips if k in impls}
         results.append(row)
         line = f'{name:8} {size:4d} {width:5d} ' + ' '.join(
-            f"{ips['jax-' + i]:11.2f}" for i in impls)
+            f"{ips[i]:11.2f}" for i in impls)
         line += ''.join(f' {ips[label]:8.2f}' for label in torch_labels.values()) + ' '
-        line += ' '.join(f"{ips['jax-' + i] / ips[label]:20.2f}"
+        line += ' '.join(f"{ips[i] / ips[label]:20.2f}"
                          for label in torch_labels.values() for i in impls)
         print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
   if args.json:

@@ -30,37 +30,25 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lvseg_jax import contours as contours_lib
+
 MM3_PER_ML = 1000.0
-
-
-def _spacing(pixel_spacing: float | Sequence[float]) -> tuple[float, float]:
-  """(row, col) spacing in mm from a scalar or a pair; rejects non-positive values."""
-  values = np.broadcast_to(np.asarray(pixel_spacing, dtype=np.float64), (2,))
-  if not np.all(np.isfinite(values)) or np.any(values <= 0):
-    raise ValueError(f'pixel spacing must be positive and finite, got {pixel_spacing!r}')
-  return float(values[0]), float(values[1])
 
 
 def shoelace_area(contour: np.ndarray) -> float:
   """Area (pixels²) enclosed by a closed (P, 2) polygon; a repeated closing point is harmless."""
-  c = np.asarray(contour, dtype=np.float64)
-  if c.ndim != 2 or c.shape[1] != 2:
-    raise ValueError(f'contour must have shape (P, 2), got {c.shape}')
-  if len(c) < 3:
-    return 0.0
-  x, y = c[:, 0], c[:, 1]
-  return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+  return abs(contours_lib.signed_area(contour))
 
 
 def polygon_area_mm2(contour: np.ndarray, pixel_spacing: float | Sequence[float]) -> float:
   """Shoelace area of an (x, y) pixel polygon, in mm² (pixel spacing is (row, col) mm)."""
-  row, col = _spacing(pixel_spacing)
+  row, col = contours_lib.as_spacing(pixel_spacing)
   return shoelace_area(contour) * row * col
 
 
 def mask_area_mm2(mask: np.ndarray, pixel_spacing: float | Sequence[float]) -> float:
   """Foreground pixel count x row spacing x column spacing, in mm² (nonzero is foreground)."""
-  row, col = _spacing(pixel_spacing)
+  row, col = contours_lib.as_spacing(pixel_spacing)
   return float(np.count_nonzero(mask)) * row * col
 
 

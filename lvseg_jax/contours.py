@@ -14,6 +14,7 @@ see `tests/contours_test.py`). Filling at pixel centres without the boundary
 import math
 import os
 import re
+from typing import Sequence
 
 import numpy as np
 from skimage import draw
@@ -203,3 +204,25 @@ def find_contour_files(contour_dir: str, kind: str = 'i') -> dict[int, str]:
                          f'(also {found[parsed[0]]})')
     found[parsed[0]] = path
   return found
+
+
+def signed_area(contour: np.ndarray) -> float:
+  """Shoelace area (pixels²) of a closed (P, 2) polygon, positive when counter-clockwise in
+  (x, y); a repeated closing point is harmless."""
+  c = np.asarray(contour, dtype=np.float64)
+  if c.ndim != 2 or c.shape[1] != 2:
+    raise ValueError(f'contour must have shape (P, 2), got {c.shape}')
+  if len(c) < 3:
+    return 0.0
+  x, y = c[:, 0], c[:, 1]
+  return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def as_spacing(pixel_spacing: float | Sequence[float]) -> tuple[float, float]:
+  """(row, col) pixel spacing in mm from a scalar or a pair; rejects non-positive values."""
+  s = np.atleast_1d(np.asarray(pixel_spacing, dtype=np.float64)).ravel()
+  if s.size == 1:
+    s = np.repeat(s, 2)
+  if s.size != 2 or not np.all(np.isfinite(s)) or np.any(s <= 0):
+    raise ValueError(f'pixel_spacing must be positive (row, col) mm, got {pixel_spacing!r}')
+  return float(s[0]), float(s[1])

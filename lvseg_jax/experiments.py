@@ -37,21 +37,20 @@ import datetime
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import time
 import traceback
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')  # headless: files only
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 from absl import logging
 
 from lvseg_jax import checkpointing
+from lvseg_jax import metrics as metrics_lib
 from lvseg_jax import models
 from lvseg_jax import train as train_lib
 
@@ -460,19 +459,6 @@ def run_grid(base_config: ml_collections.ConfigDict, grid: Mapping[str, Sequence
 # ----------------------------------------------------------------------------- table
 
 
-def _floats(values: Iterable[Any]) -> np.ndarray:
-  """Finite floats only (None, the JSON form of NaN, and NaN are dropped)."""
-  v = np.asarray([np.nan if x is None else float(x) for x in values], dtype=np.float64)
-  return v[np.isfinite(v)]
-
-
-def mean_std(values: Iterable[Any]) -> dict[str, Any]:
-  """{'mean', 'std' (ddof=1), 'n'} of the finite values; None where undefined."""
-  v = _floats(values)
-  return {'mean': float(v.mean()) if v.size else None,
-          'std': float(v.std(ddof=1)) if v.size > 1 else None, 'n': int(v.size)}
-
-
 def _group_key(cell: CellResult, group_by: Sequence[str]) -> tuple[str, ...]:
   # '—' marks an override the cell does not have (dropped as not applicable, e.g. the IBN
   # mode of a U-Net) or never set.
@@ -526,11 +512,11 @@ def summarize(cells: Sequence[CellResult],
         'runs': len(done),
         'failed': [c.name for c in members if not c.ok],
         'cells': [c.name for c in members],
-        'dice_per_image': mean_std(_per_frame(done, 'dice')),
-        'dice_run_means': mean_std(
+        'dice_per_image': metrics_lib.mean_std(_per_frame(done, 'dice')),
+        'dice_run_means': metrics_lib.mean_std(
             c.results['per_set']['per_image']['dice_all']['mean'] for c in done),
-        'apd_good_mm_over_cases': mean_std(_per_case(done, 'apd_good_mm')),
-        'good_pct_over_cases': mean_std(_per_case(done, 'good_pct')),
+        'apd_good_mm_over_cases': metrics_lib.mean_std(_per_case(done, 'apd_good_mm')),
+        'good_pct_over_cases': metrics_lib.mean_std(_per_case(done, 'good_pct')),
     })
   return {
       'group_by': list(group_by),
@@ -543,9 +529,9 @@ def summarize(cells: Sequence[CellResult],
 
 
 def _fmt(ms: Mapping[str, Any], digits: int) -> str:
-  if ms['mean'] is None:
+  if not math.isfinite(ms['mean']):
     return 'n/a'
-  std = 'n/a' if ms['std'] is None else f"{ms['std']:.{digits}f}"
+  std = f"{ms['std']:.{digits}f}" if math.isfinite(ms['std']) else 'n/a'
   return f"{ms['mean']:.{digits}f} ± {std}"
 
 
@@ -597,9 +583,10 @@ def boxplot(cells: Sequence[CellResult], out_png: str,
   panels = [('Dice per image (all frames)', 'dice'), ('APD per image, mm (detected frames)',
                                                        'apd_mm')]
   width = max(6.0, 1.1 * len(groups) * len(panels) + 2)
-  fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2), squeeze=False)
+  fig = Figure(figsize=(width, 4.2))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (title, metric) in zip(axes[0], panels):
-    data = [_floats(_per_frame(members, metric)) for _, members in groups]
+    data = [metrics_lib.finite(_per_frame(members, metric)) for _, members in groups]
     # An empty box would make matplotlib drop the group; show it as 'no data' instead.
     positions = [i + 1 for i, d in enumerate(data) if d.size]
     if positions:
@@ -622,7 +609,6 @@ def boxplot(cells: Sequence[CellResult], out_png: str,
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   fig.savefig(out_png, dpi=110)
-  plt.close(fig)
   return out_png
 
 
@@ -677,7 +663,7 @@ def write_report(cells: Sequence[CellResult], workdir: str,
   with open(paths['markdown'], 'w') as f:
     f.write('\n'.join(lines))
   with open(paths['json'], 'w') as f:
-    json.dump(summary, f, indent=2, allow_nan=False)
+    json.dump(metrics_lib.to_jsonable(summary), f, indent=2, allow_nan=False)
   boxplot(cells, paths['boxplot'], group_by)
   return paths
 

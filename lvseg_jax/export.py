@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import matplotlib
-matplotlib.use('Agg')  # headless: prediction runs on servers without a display
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import nibabel as nib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-from lvseg_jax import contours as contours_lib  # noqa: E402
+from lvseg_jax import contours as contours_lib
+from lvseg_jax import metrics
 
 # LPS (DICOM) -> RAS (NIfTI): flip the first two patient axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -137,7 +136,14 @@ class OverlayWriter:
 
   def write(self, path: str, image: np.ndarray, pred_contour: np.ndarray | None,
             expert_contour: np.ndarray | None = None, title: str = '') -> None:
-    """Renders one overlay PNG; contours with fewer than 3 points are not drawn."""
+    """Renders one overlay PNG (see `render`)."""
+    rgb = self.render(image, pred_contour, expert_contour, title)
+    _makedirs_for(path)
+    Image.fromarray(rgb).save(path, compress_level=1)
+
+  def render(self, image: np.ndarray, pred_contour: np.ndarray | None,
+             expert_contour: np.ndarray | None = None, title: str = '') -> np.ndarray:
+    """The overlay as an (H, W, 3) uint8 array; contours of fewer than 3 points are not drawn."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
       raise ValueError(f'image must be (H, W), got shape {image.shape}')
@@ -158,9 +164,16 @@ class OverlayWriter:
     legend.set_visible(bool(shown))
     text.set_text(title)
     canvas.draw()
-    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
-    _makedirs_for(path)
-    Image.fromarray(rgb).save(path, compress_level=1)
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def expert_outline(frame) -> np.ndarray | None:
+  """The expert contour of a frame: its polygon, else the outline of its mask (PNG data)."""
+  if frame.contour is not None:
+    return frame.contour
+  if frame.mask is not None and frame.mask.any():
+    return metrics.mask_to_contour(frame.mask)
+  return None
 
 
 def write_overlay_png(path: str, image: np.ndarray, pred_contour: np.ndarray | None,

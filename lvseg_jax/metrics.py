@@ -45,6 +45,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
+from lvseg_jax import contours as contours_lib
+
 GOOD_APD_MM = 5.0
 # Half-width (arc length) of the tangent chord. Mask contours are pixel staircases: 2 px spans a
 # step pattern, while a symmetric chord stays exact on circles of any radius.
@@ -102,15 +104,6 @@ def _as_contour(contour: np.ndarray | None, name: str = 'contour') -> np.ndarray
   return c
 
 
-def _as_spacing(pixel_spacing: float | Sequence[float]) -> tuple[float, float]:
-  s = np.atleast_1d(np.asarray(pixel_spacing, dtype=np.float64)).ravel()
-  if s.size == 1:
-    s = np.repeat(s, 2)
-  if s.size != 2 or not np.all(np.isfinite(s)) or np.any(s <= 0):
-    raise ValueError(f'pixel_spacing must be positive (row, col) mm, got {pixel_spacing!r}')
-  return float(s[0]), float(s[1])
-
-
 def _to_mm(contour: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
   # x is a column coordinate and y a row coordinate, hence (col, row) spacing.
   return contour * np.array([spacing[1], spacing[0]])
@@ -159,11 +152,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
   return labels == int(np.argmax(sizes)) + 1
 
 
-def _shoelace(c: np.ndarray) -> float:
-  x, y = c[:, 0], c[:, 1]
-  return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
 def mask_to_contour(mask: np.ndarray) -> np.ndarray:
   """Closed outer contour of the largest connected component of a mask.
 
@@ -186,8 +174,8 @@ def mask_to_contour(mask: np.ndarray) -> np.ndarray:
   rows, cols = ndimage.find_objects(comp.astype(np.int8))[0]
   # Crop for speed, pad so the contour closes even at the image border.
   crop = np.pad(comp[rows, cols].astype(np.float64), 1)
-  contours = measure.find_contours(crop, 0.5, fully_connected='low')
-  outer = max(contours, key=lambda c: abs(_shoelace(c)))
+  outlines = measure.find_contours(crop, 0.5, fully_connected='low')
+  outer = max(outlines, key=lambda c: abs(contours_lib.signed_area(c)))
   if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
     outer = outer[:-1]
   offset = np.array([rows.start - 1, cols.start - 1], dtype=np.float64)
@@ -306,7 +294,7 @@ def perpendicular_distances_mm(
     holds APD_NORMAL_LINE / APD_NORMAL_POLYLINE / APD_NEAREST per point. Empty if either contour
     is empty.
   """
-  spacing = _as_spacing(pixel_spacing)
+  spacing = contours_lib.as_spacing(pixel_spacing)
   px = 0.5 * (spacing[0] + spacing[1])  # mm per pixel, for the pixel-based tolerances
   a = _dedupe_closed(_to_mm(_as_contour(auto_contour, 'auto_contour'), spacing))
   e = _dedupe_closed(_to_mm(_as_contour(expert_contour, 'expert_contour'), spacing))
@@ -428,7 +416,7 @@ def mean_contour_distance_mm(a: np.ndarray, b: np.ndarray,
   Each directed distance is from points sampled every 0.05 px along one closed contour to the
   other contour polyline. NaN if either contour is empty.
   """
-  return _mcd_hd95(a, b, _as_spacing(pixel_spacing))[0]
+  return _mcd_hd95(a, b, contours_lib.as_spacing(pixel_spacing))[0]
 
 
 def hausdorff95_mm(a: np.ndarray, b: np.ndarray, pixel_spacing: float | Sequence[float]) -> float:
@@ -437,7 +425,7 @@ def hausdorff95_mm(a: np.ndarray, b: np.ndarray, pixel_spacing: float | Sequence
   Same sampling as `mean_contour_distance_mm`; percentiles use NumPy's linear interpolation.
   NaN if either contour is empty.
   """
-  return _mcd_hd95(a, b, _as_spacing(pixel_spacing))[1]
+  return _mcd_hd95(a, b, contours_lib.as_spacing(pixel_spacing))[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +453,7 @@ def evaluate_frame(pred_mask: np.ndarray, expert_mask: np.ndarray,
     pixel_spacing_mm, spacing_source, expert_contour_from ('polygon' | 'mask'),
     n_auto_points and apd_fallback_points (points that needed an APD fallback).
   """
-  spacing = _as_spacing(pixel_spacing)
+  spacing = contours_lib.as_spacing(pixel_spacing)
   pred, expert = _as_mask(pred_mask, 'pred_mask'), _as_mask(expert_mask, 'expert_mask')
   if pred.shape != expert.shape:
     raise ValueError(f'shape mismatch: pred_mask {pred.shape} vs expert_mask {expert.shape}')
@@ -494,20 +482,17 @@ def evaluate_frame(pred_mask: np.ndarray, expert_mask: np.ndarray,
   }
 
 
-def _nanmean(values: Sequence[float]) -> float:
-  v = np.asarray(values, dtype=np.float64)
-  v = v[np.isfinite(v)]
-  return float(v.mean()) if v.size else math.nan
+def finite(values: Sequence[Any]) -> np.ndarray:
+  """The finite values as float64 (None, NaN and inf dropped)."""
+  v = np.asarray([np.nan if x is None else float(x) for x in values], dtype=np.float64)
+  return v[np.isfinite(v)]
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float | int]:
-  v = np.asarray(values, dtype=np.float64)
-  v = v[np.isfinite(v)]
-  return {
-      'mean': float(v.mean()) if v.size else math.nan,
-      'std': float(v.std(ddof=1)) if v.size > 1 else math.nan,
-      'n': int(v.size),
-  }
+def mean_std(values: Sequence[Any]) -> dict[str, float | int]:
+  """{'mean', 'std' (ddof=1, as MATLAB), 'n'} of the finite values; NaN where undefined."""
+  v = finite(values)
+  return {'mean': float(v.mean()) if v.size else math.nan,
+          'std': float(v.std(ddof=1)) if v.size > 1 else math.nan, 'n': int(v.size)}
 
 
 def _frame_group_metrics(frames: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -569,12 +554,12 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
         'n_frames': n, 'n_detected': n_det, 'n_good': n_good,
         'detected_pct': 100.0 * n_det / n, 'good_pct': 100.0 * n_good / n,
     }
-    entry.update({k: _nanmean(v) for k, v in _frame_group_metrics(frames).items()})
+    entry.update({k: mean_std(v)['mean'] for k, v in _frame_group_metrics(frames).items()})
     per_case[case] = entry
 
   over_cases: dict[str, Any] = {'n_cases': len(per_case)}
   for metric in _CASE_METRICS:
-    over_cases[metric] = _mean_std([c[metric] for c in per_case.values()])
+    over_cases[metric] = mean_std([c[metric] for c in per_case.values()])
 
   n_all = len(per_frame)
   n_det = sum(f['detected'] for f in per_frame)
@@ -583,7 +568,7 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
       'n_frames': n_all, 'n_detected': n_det, 'n_good': n_good,
       'detected_pct': 100.0 * n_det / n_all, 'good_pct': 100.0 * n_good / n_all,
   }
-  per_image.update({k: _mean_std(v) for k, v in _frame_group_metrics(per_frame).items()})
+  per_image.update({k: mean_std(v) for k, v in _frame_group_metrics(per_frame).items()})
 
   return {
       'good_apd_mm': float(good_apd_mm),

@@ -151,8 +151,9 @@ def test_results_table_aggregates_over_seeds_as_documented():
   np.testing.assert_allclose(unet['good_pct_over_cases']['std'], good.std(ddof=1))
   # One finished IBU run: no spread over runs; no good contour: no APD; the failure is kept.
   assert ibu['runs'] == 1 and ibu['failed'] == ['ibu1']
-  assert ibu['dice_run_means']['std'] is None
-  assert ibu['apd_good_mm_over_cases'] == {'mean': None, 'std': None, 'n': 0}
+  assert np.isnan(ibu['dice_run_means']['std'])   # undefined: NaN (null in results.json)
+  apd_ibu = ibu['apd_good_mm_over_cases']
+  assert apd_ibu['n'] == 0 and np.isnan(apd_ibu['mean']) and np.isnan(apd_ibu['std'])
 
   table = experiments.results_table(cells)
   rows = {line.split('|')[1].strip(): line for line in table.splitlines()

@@ -157,11 +157,8 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
       if f.slice_index is not None:
         label.append(f'slice {f.slice_index} phase {f.phase_index}')
       label.append('ED' if row['is_ed'] else 'ES' if row['is_es'] else '')
-      expert = f.contour
-      if expert is None and f.mask is not None and f.mask.any():
-        expert = metrics.mask_to_contour(f.mask)  # PNG data sets: expert masks, no polygons
       overlay_writer.write(os.path.join(folder, 'overlays', f'{f.frame_id}.png'), f.image,
-                           p.contour, expert, title='  '.join(s for s in label if s))
+                           p.contour, export.expert_outline(f), title='  '.join(s for s in label if s))
       counts['overlays'] += 1
     if p.uncertainty is not None:
       export.write_uncertainty_png(os.path.join(folder, 'uncertainty', f'{f.frame_id}.png'),
