@@ -159,8 +159,7 @@ def child_stages(name: str, workdir: str, series_path: str, batch_size: int) -> 
   t['read_dicom_s'] = time.perf_counter() - tic
   frames = [f for s in series for f in s.frames]
 
-  lv_class = int(config.predict.get('lv_class', predict.PREDICT_DEFAULTS['lv_class']))
-  forward = predict.make_forward_fn(model, 'none', lv_class)
+  forward = predict.make_forward_fn(model, 'none')
   size = int(config.data.image_size)
   dummy = np.zeros((batch_size, size, size, 1), np.float32)
   tic = time.perf_counter()
@@ -188,7 +187,8 @@ def child_stages(name: str, workdir: str, series_path: str, batch_size: int) -> 
   for s in series:
     mine = predictions[:len(s.frames)]
     predictions = predictions[len(s.frames):]
-    predict.write_series_outputs(s, mine, output, config, writer)
+    summary = predict.summarize_series(s, mine, config)
+    predict.write_series_outputs(s, mine, summary, output, config, writer)
   t['write_outputs_s'] = time.perf_counter() - tic
   shutil.rmtree(output, ignore_errors=True)
 
@@ -221,8 +221,6 @@ def main(argv=None):
     return
   if args.child_stages:
     name, workdir = args.child_stages.split(':', 1)
-    from lvseg_jax import runtime  # pylint: disable=g-import-not-at-top
-    runtime.configure_process()   # as main.py does
     print(json.dumps(child_stages(name, workdir, args.series, args.batch_size)))
     return
   if not os.path.isdir(args.series):

@@ -27,7 +27,7 @@ for stage in "$@"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
     throughput)
-      common=(--jax after --torch-formats nchw,channels_last --models unet,unet_bn,lnu,ibu
+      common=(--torch-formats nchw,channels_last --models unet,unet_bn,lnu,ibu
               --batch 16 --iters 30 --iters-256 30 --warmup 3)
       $py bench/train_throughput.py "${common[@]}" --sizes 128 --widths 16,32 \
         --json "$out/throughput_128.json" 2>&1 | tee "$out/throughput_128.log"
@@ -39,7 +39,7 @@ for stage in "$@"; do
         | tee "$out/augment.log"
       ;;
     bf16)
-      $py bench/train_throughput.py --jax after --torch-formats nchw,channels_last \
+      $py bench/train_throughput.py --torch-formats nchw,channels_last \
         --models unet,unet_bn,lnu,ibu --batch 16 --iters 30 --iters-256 30 --warmup 3 \
         --sizes 256 --widths 64 --dtype bfloat16 --json "$out/throughput_256_bf16.json" 2>&1 \
         | tee "$out/throughput_256_bf16.log"
