@@ -7,14 +7,16 @@
   python main.py --config=configs/ibu.py --mode=summary
 
 Config fields are overridden with `--config.section.field=value`, e.g.
-`--config.data.root=/data/scd --config.model.base_width=16`.
+`--config.data.root=/data/scd --config.model.base_width=16`. User errors print one line and
+exit with 2 (`--verbosity=1` shows the traceback); a run stopped by SIGINT / SIGTERM exits
+with 130 / 143 after saving (exit codes: lvseg_jax/cli.py).
 """
+
+import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
-
 
 FLAGS = flags.FLAGS
 
@@ -32,30 +34,14 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from lvseg_jax import cli  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()
-  if FLAGS.mode == 'summary':
-    from lvseg_jax import summary  # pylint: disable=g-import-not-at-top
-    print(summary.model_summary(config))
-    return
-  if not FLAGS.workdir:
-    raise app.UsageError(f'--workdir is required for --mode={FLAGS.mode}.')
-  if config.train.distributed:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-  logging.info('mode=%s workdir=%s', FLAGS.mode, FLAGS.workdir)
-  if FLAGS.mode == 'train':
-    from lvseg_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'evaluate':
-    from lvseg_jax import train  # pylint: disable=g-import-not-at-top
-    train.evaluate_checkpoint(config, FLAGS.workdir)
-  elif FLAGS.mode == 'predict':
-    if not FLAGS.input or not FLAGS.output:
-      raise app.UsageError('--mode=predict needs --input and --output.')
-    from lvseg_jax import predict  # pylint: disable=g-import-not-at-top
-    predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output)
+  overridden = sorted(config_flags.get_override_values(FLAGS['config']))
+  try:
+    cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, overridden)
+  except Exception as e:  # pylint: disable=broad-except  # cli.exit_code re-raises bugs
+    sys.exit(cli.exit_code(e, show_traceback=FLAGS.verbosity > 0))
 
 
 if __name__ == '__main__':

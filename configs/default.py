@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every_epochs = 5
   train.checkpoint_every_steps = 200
   train.keep_checkpoints = 3
+  train.resume_fallback = True       # resume from the newest readable checkpoint (warned)
   train.num_overlays = 12            # validation overlays in the final PNG grid
   train.distributed = False          # call jax.distributed.initialize()
   train.halt_after_steps = -1        # > 0: save and stop after this many steps (preemption)

@@ -9,7 +9,7 @@ Layout of a workdir:
 import json
 import logging as std_logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -67,8 +67,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no config.json; is {workdir!r} a lvseg-jax training '
                             'workdir?')
-  with open(path) as f:
-    saved = flatten_config(json.load(f))
+  try:
+    with open(path) as f:
+      saved = flatten_config(json.load(f))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a readable config ({e}); the run\'s settings are lost. '
+                     'Restore the file or start a new --workdir.') from None
   config = default.get_config()
   current = flatten_config(config)
   dropped = sorted(set(saved) - set(current))
@@ -82,6 +86,54 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     value = saved[key]
     node[field] = tuple(value) if isinstance(current[key], tuple) else value
   return config
+
+
+# Fields the trained weights depend on: the architecture and the preprocessing. Evaluate and
+# predict take them from the workdir; every other field comes from the command line.
+TRAINED_FIELDS = ('model.', 'data.image_size', 'data.resize_mode', 'data.clip_percentiles')
+
+
+def _trained(key: str) -> bool:
+  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in TRAINED_FIELDS)
+
+
+def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict,
+                   overridden: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """This command's config with the trained run's `TRAINED_FIELDS` (the one rule of
+  `--mode=evaluate` and `--mode=predict`).
+
+  Args:
+    config: the command line's config.
+    trained: the workdir's config (`load_config`).
+    overridden: dotted fields set on the command line (`--config.a.b=...`).
+
+  Raises:
+    ValueError: a command-line override of a trained field that differs from the run's.
+  """
+  now, then = flatten_config(config), flatten_config(trained)
+  clash = sorted(k for k in overridden if _trained(k) and k in then and now.get(k) != then[k])
+  if clash:
+    raise ValueError(
+        '; '.join(f'--config.{k}={now.get(k)!r}' for k in clash) + ': the checkpoint was '
+        f'trained with {", ".join(f"{k}={then[k]!r}" for k in clash)}, and the model\'s fields '
+        '(architecture and preprocessing) come from the workdir. Drop the flag, or train a new '
+        'run with it.')
+  run = ml_collections.ConfigDict(config.to_dict())
+  for key, value in then.items():
+    if _trained(key):
+      section, _, field = key.rpartition('.')
+      run[section][field] = value
+  return run
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read; the message names its step and folder."""
+
+
+def _damaged(folder: str, step: int, error: Exception, advice: str) -> CheckpointError:
+  cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+  return CheckpointError(f'{os.path.join(folder, str(step))}: checkpoint at step {step} cannot '
+                         f'be read ({type(error).__name__}: {cause}). {advice}')
 
 
 class Checkpointer:
@@ -116,15 +168,42 @@ class Checkpointer:
                    metrics={'dice': float(dice)}, force=True)
     self.best.wait_until_finished()
 
-  def restore_latest(self, target: dict[str, Any]) -> tuple[dict[str, Any], dict] | None:
-    """Restores the latest state into the structure of `target`, or None if there is none."""
-    step = self.latest.latest_step()
-    if step is None:
+  def restore_latest(self, target: dict[str, Any], fall_back: bool = True
+                     ) -> tuple[dict[str, Any], dict] | None:
+    """Restores the newest readable state into the structure of `target` (None if none).
+
+    A checkpoint that fails to restore is skipped with a warning naming it when `fall_back`
+    and an older one restores; otherwise a `CheckpointError` names it. When every checkpoint
+    fails, a `CheckpointError` names the newest: its files are damaged, or the state this
+    config builds has another structure (a changed model or optimizer).
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    if not steps:
       return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    folder = str(self.latest.directory)
+    first_error = None
+    for step in steps:
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # orbax / TensorStore raise many kinds
+        if first_error is None:
+          first_error = e
+        if not fall_back:
+          raise _damaged(folder, step, e, 'Earlier checkpoints may be intact: delete this '
+                         'step\'s folder to resume from the one before, or set '
+                         'train.resume_fallback=True.') from e
+        continue
+      if step != steps[0]:
+        logging.warning('%s: the newest checkpoint(s) %s could not be read (%s: %s); resumed '
+                        'from step %d instead.', folder, [s for s in steps if s > step],
+                        type(first_error).__name__, str(first_error).splitlines()[0][:200],
+                        step)
+      return restored['state'], restored['meta']
+    raise _damaged(folder, steps[0], first_error, 'No checkpoint of this run could be read into '
+                   'the training state this config builds: the files are damaged, or the '
+                   'model or optimizer settings differ from the run\'s.') from first_error
 
   def close(self) -> None:
     self.latest.close()
@@ -162,18 +241,25 @@ def load_for_inference(workdir: str, which: str = 'best',
     step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'No checkpoint found in {workdir!r}.')
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  if meta.get('kind') == 'train_state':
-    # A full training state: restore without a target (the optimizer state is not needed).
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
-    state = {'params': restored['params']}
-    if restored.get('batch_stats'):
-      state['batch_stats'] = restored['batch_stats']
-  else:
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
-  manager.close()
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    if meta.get('kind') == 'train_state':
+      # A full training state: restore without a target (the optimizer state is not needed).
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+      state = {'params': restored['params']}
+      if restored.get('batch_stats'):
+        state['batch_stats'] = restored['batch_stats']
+    else:
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
+  except Exception as e:  # pylint: disable=broad-except  # orbax / TensorStore raise many kinds
+    other = 'latest' if which == 'best' else 'best'
+    raise _damaged(str(manager.directory), step, e, f'Use another checkpoint '
+                   f'(--config.eval.checkpoint={other} or --config.predict.checkpoint={other}) '
+                   'or retrain.') from e
+  finally:
+    manager.close()
   state = jax.tree_util.tree_map(np.asarray, state)
   logging.info('Loaded %s checkpoint at step %d from %s', which, step, workdir)
   return config, state

@@ -107,7 +107,8 @@ _APPLIES_ONLY_IF: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
 _RUN_INVARIANT_KEYS = (
     'data.root', 'data.cache_dir', 'train.num_devices', 'train.parallel', 'train.distributed',
     'train.log_every', 'train.halt_after_steps', 'train.checkpoint_every_steps',
-    'train.keep_checkpoints', 'train.num_overlays', 'eval.batch_size', 'eval.split',
+    'train.keep_checkpoints', 'train.resume_fallback', 'train.num_overlays', 'eval.batch_size',
+    'eval.split',
     'eval.checkpoint', 'predict.')
 
 _MISSING = object()

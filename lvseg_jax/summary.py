@@ -5,11 +5,13 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from lvseg_jax import config_check
 from lvseg_jax import models
 
 
 def model_summary(config: ml_collections.ConfigDict) -> str:
   """Returns a Markdown-style table of the model's layers and its parameter count."""
+  config_check.check(config)
   model = models.get_model(config.model)
   size = config.data.image_size
   variables = models.init_variables(model, jax.random.key(0), size)

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lvseg_jax import augment
 from lvseg_jax import checkpointing
+from lvseg_jax import config_check
 from lvseg_jax import data as data_lib
 from lvseg_jax import metrics as metrics_lib
 from lvseg_jax import models
@@ -287,6 +288,15 @@ def _summary_line(results: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- training loop
 
+class Stopped(Exception):
+  """Training stopped by a signal; the newest checkpoint (if any step ran) is saved."""
+
+  def __init__(self, signum: int, step: int | None):
+    where = f'after step {step} (checkpoint saved)' if step is not None else 'before step 1'
+    super().__init__(f'Stopped by signal {signum} {where}; rerun the same command to resume.')
+    self.signum, self.step = signum, step
+
+
 class _StopRequested:
   """Turns SIGTERM / SIGINT into a flag checked between steps (a checkpoint is then saved)."""
 
@@ -351,11 +361,24 @@ def _all_finite(tree) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains on `config.data.train_sets`, evaluates on `eval_sets`; resumes from `workdir`.
 
+  SIGTERM / SIGINT, from data loading on, stop the run at the next step boundary after a
+  checkpoint is saved (before the first step: nothing to save), raising `Stopped`.
+
   Returns:
-    The final evaluation results (also written to workdir/eval_<sets>.{json,md}).
+    The final evaluation results (also written to workdir/eval_<sets>.{json,md}); {} when
+    `train.halt_after_steps` stopped the run.
   """
+  with _StopRequested() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: '_StopRequested') -> dict[str, Any]:
+  config_check.check(config)
   os.makedirs(workdir, exist_ok=True)
   train_ds, eval_ds = data_lib.load_datasets(config, workdir)
+  if stop.signum is not None:
+    raise Stopped(stop.signum, None)
   devices = jax.devices()
   if config.train.num_devices > 0:
     if config.train.num_devices > len(devices):
@@ -387,15 +410,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = learning_rate_schedule(config.train, total_steps)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   try:
-    restored = checkpointer.restore_latest(_state_dict(state))
-  except ValueError as e:  # orbax: the saved tree differs from the one this config builds
+    restored = checkpointer.restore_latest(_state_dict(state), config.train.resume_fallback)
+  except checkpointing.CheckpointError as e:
     changed = _changes_since_start(config, workdir)
-    raise ValueError(
-        f'{workdir}: its latest checkpoint does not match the training state this config '
-        'builds (a changed model, optimizer or train.flatten_optimizer?). Changed since the '
-        f'run started: {"; ".join(changed) or "nothing recorded"}. Resume with the settings '
-        f'in {os.path.join(workdir, checkpointing.CONFIG_FILE)}, or start a new --workdir. '
-        f'Details: {e}') from e
+    raise checkpointing.CheckpointError(
+        f'{e} Changed since the run started: {"; ".join(changed) or "nothing recorded"}. '
+        f'Resume with the settings in {os.path.join(workdir, checkpointing.CONFIG_FILE)}, or '
+        'start a new --workdir.') from e
   # Written once the workdir's checkpoint is known to fit, so that a refused resume leaves
   # the run's own config.json in place.
   checkpointing.save_config(config, workdir)
@@ -412,6 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   stream = _batch_stream(train_ds, config, steps_per_epoch, start_step)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  _drop_records_after(metrics_path, start_step)
   halt_at = (start_step + config.train.halt_after_steps
              if config.train.halt_after_steps > 0 else None)
   last_eval: dict[str, Any] | None = None
@@ -442,39 +464,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window_start, window_images = time.time(), 0
   run_start = time.time()
   step = start_step
-  with _StopRequested() as stop:
-    while step < total_steps:
-      batch = next(stream)
-      device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                      for k in ('image', 'mask', 'valid')}
-      state, step_metrics = step_fn(state, device_batch, step_key)
-      step += 1
-      window_images += int(np.sum(batch['valid'])) * jax.process_count()
-      if step % config.train.log_every == 0 or step == total_steps:
-        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not all(math.isfinite(v) for v in host.values()):
-          raise FloatingPointError(
-              f'Non-finite training metrics at step {step}: {host}. Stopping; the last good '
-              f'checkpoint in {workdir}/checkpoints stays.')
-        elapsed = time.time() - window_start
-        ips = window_images / max(elapsed, 1e-9)
-        eta = (total_steps - step) * config.train.batch_size / max(ips, 1e-9)
-        logging.info('step %d/%d  loss %.4f  dice %.4f  lr %.2e  %.1f img/s  ETA %s', step,
-                     total_steps, host['loss'], host['dice'], host['learning_rate'], ips,
-                     _format_seconds(eta))
-        _append_jsonl(metrics_path, {'step': step, 'split': 'train', **host,
-                                     'images_per_sec': ips,
-                                     'elapsed_s': time.time() - run_start})
-        window_start, window_images = time.time(), 0
-      if step % config.train.checkpoint_every_steps == 0:
-        save(step)
-      if step % eval_every == 0 and step < total_steps:
-        last_eval = run_eval(step)
-      if stop.signum is not None or (halt_at is not None and step >= halt_at):
-        save(step)
-        checkpointer.close()
-        logging.warning('Stopped at step %d; rerun the same command to resume.', step)
-        return {}
+  while step < total_steps:
+    batch = next(stream)
+    device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+                    for k in ('image', 'mask', 'valid')}
+    state, step_metrics = step_fn(state, device_batch, step_key)
+    step += 1
+    window_images += int(np.sum(batch['valid'])) * jax.process_count()
+    if step % config.train.log_every == 0 or step == total_steps:
+      host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      if not all(math.isfinite(v) for v in host.values()):
+        raise FloatingPointError(
+            f'Non-finite training metrics at step {step}: {host}. Stopping; the last good '
+            f'checkpoint in {workdir}/checkpoints stays.')
+      elapsed = time.time() - window_start
+      ips = window_images / max(elapsed, 1e-9)
+      eta = (total_steps - step) * config.train.batch_size / max(ips, 1e-9)
+      logging.info('step %d/%d  loss %.4f  dice %.4f  lr %.2e  %.1f img/s  ETA %s', step,
+                   total_steps, host['loss'], host['dice'], host['learning_rate'], ips,
+                   _format_seconds(eta))
+      _append_jsonl(metrics_path, {'step': step, 'split': 'train', **host,
+                                   'images_per_sec': ips,
+                                   'elapsed_s': time.time() - run_start})
+      window_start, window_images = time.time(), 0
+    if step % config.train.checkpoint_every_steps == 0:
+      save(step)
+    if step % eval_every == 0 and step < total_steps:
+      last_eval = run_eval(step)
+    if stop.signum is not None or (halt_at is not None and step >= halt_at):
+      save(step)
+      checkpointer.close()
+      logging.warning('Stopped at step %d; rerun the same command to resume.', step)
+      if stop.signum is not None:
+        raise Stopped(stop.signum, step)
+      return {}
   save(step)
   if last_eval is None or last_eval.get('_step') != step:
     last_eval = run_eval(step)
@@ -491,29 +514,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last_eval
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates the workdir's best (or latest) checkpoint on `config.eval.split`."""
-  run_config, variables = checkpointing.load_for_inference(workdir, config.eval.checkpoint)
-  run_config = ml_collections.ConfigDict(run_config.to_dict())
-  run_config.data.root = config.data.root
-  run_config.data.cache_dir = config.data.cache_dir
-  run_config.data.eval_sets = tuple(s.strip() for s in config.eval.split.split(','))
-  run_config.eval = config.eval
-  full = data_lib.load_dataset(run_config.data, name='all')
+def eval_name(config: ml_collections.ConfigDict) -> str:
+  """What `evaluate_checkpoint` evaluated, as a file name: checkpoint, sets, data source, and
+  the spacing table and contour kind where they are not the defaults."""
+  parts = [config.eval.checkpoint, '+'.join(_eval_sets(config)), config.data.source]
+  if config.data.spacing_table:
+    parts.append('spacing-' + os.path.splitext(os.path.basename(config.data.spacing_table))[0])
+  if config.data.contour != 'i':
+    parts.append(f'contour-{config.data.contour}')
+  return 'eval_' + '_'.join(parts)
+
+
+def _eval_sets(config: ml_collections.ConfigDict) -> list[str]:
+  return [s.strip() for s in config.eval.split.split(',') if s.strip()]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        overridden: Sequence[str] = ()) -> dict[str, Any]:
+  """Evaluates the workdir's best (or latest) checkpoint on `config.eval.split`.
+
+  The model and its preprocessing come from the workdir, the data and evaluation settings from
+  `config` (`checkpointing.config_for_run`); only the scored cases are loaded.
+
+  Args:
+    config: the command line's config.
+    workdir: a training workdir.
+    overridden: the dotted fields set on the command line.
+  """
+  config = checkpointing.config_for_run(config, checkpointing.load_config(workdir), overridden)
+  config_check.check(config)
+  _, variables = checkpointing.load_for_inference(workdir, config.eval.checkpoint)
   wanted = []
-  for name in run_config.data.eval_sets:
-    wanted += full.cases if name == data_lib.ALL_CASES else data_lib.get_official_set(name)
-  eval_ds = full.select_cases(wanted, name='+'.join(run_config.data.eval_sets))
-  if not len(eval_ds):
-    raise ValueError(f'No frames of {run_config.data.eval_sets} in {run_config.data.root}.')
-  predict_fn = make_predict_fn(models.get_model(run_config.model))
-  results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, run_config)
-  name = f'eval_{config.eval.checkpoint}_' + '+'.join(run_config.data.eval_sets)
+  for name in _eval_sets(config):
+    wanted += (data_lib.available_cases(config.data) if name == data_lib.ALL_CASES
+               else data_lib.get_official_set(name))
+  eval_ds = data_lib.load_dataset(config.data, cases=wanted, name=config.eval.split)
+  predict_fn = make_predict_fn(models.get_model(config.model))
+  results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
+  name = eval_name(config)
+  results['evaluated'] = {'checkpoint': config.eval.checkpoint, 'sets': _eval_sets(config),
+                          **{k: config.data[k] for k in ('root', 'source', 'contour',
+                                                         'spacing_table', 'on_error')}}
   metrics_lib.write_results(results, workdir, name)
   plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, f'{name}_overlays.png'),
                      max_items=config.train.num_overlays)
   logging.info('%s: %s. Results: %s/%s.md', name, _summary_line(results), workdir, name)
   return results
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Cuts `metrics.jsonl` back to the restored step: a run killed after its last checkpoint
+  logged steps that the resumed run logs again."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)['step'] <= step]
+  if len(kept) != len(lines):
+    logging.info('%s: dropping %d record(s) after step %d, the step resumed from.', path,
+                 len(lines) - len(kept), step)
+    with open(path, 'w') as f:
+      f.writelines(kept)
 
 
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:

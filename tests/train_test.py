@@ -26,9 +26,9 @@ def _latest_params(workdir):
 def trained_run(tiny_config, tmp_path_factory):
   """One smoke training run shared by the tests below (4 steps, then evaluation)."""
   tmp_path = tmp_path_factory.mktemp('run')
-  # Data-parallel over 2 devices with the shard_map ('pmap') step, on real batches.
+  # Data-parallel over 2 devices with the shard_map step, on real batches.
   config = tiny_config(tmp_path, num_steps=4, checkpoint_every_steps=2,
-                       num_devices=2, parallel='pmap')
+                       num_devices=2, parallel='shard_map')
   workdir = str(tmp_path / 'work')
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
@@ -64,7 +64,7 @@ def test_evaluate_mode_scores_the_saved_checkpoint(trained_run, data_root):
   again = train.evaluate_checkpoint(config, workdir)
   # The final evaluation ran on the same (last) parameters, so the numbers match exactly.
   assert [f['dice'] for f in again['per_frame']] == [f['dice'] for f in results['per_frame']]
-  assert os.path.exists(os.path.join(workdir, 'eval_latest_validation.md'))
+  assert os.path.exists(os.path.join(workdir, 'eval_latest_validation_png.md'))
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
@@ -84,7 +84,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path)
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+@pytest.mark.parametrize('parallel', ['jit', 'shard_map'])
 def test_train_step_compiles_once_per_run_fresh_and_resumed(tiny_config, tmp_path, monkeypatch,
                                                              parallel):
   """The state enters the step with the type the step returns, so steps 2.. reuse step 1's

@@ -140,9 +140,7 @@ def predict_frames(model, variables: dict[str, Any], frames: Sequence[data_lib.F
   Returns:
     One `Prediction` per frame, in order.
   """
-  batch_size = int(config.predict.batch_size)
-  if batch_size < 1:
-    raise ValueError(f'predict.batch_size must be >= 1, got {batch_size}')
+  batch_size = int(config.predict.batch_size)   # checked by config_check
   tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
   if forward_fn is None:
     forward_fn = make_forward_fn(model, tta_mode)

@@ -203,8 +203,11 @@ def _png_series(folder: str, frames: list[data_lib.Frame]) -> list[Series]:
   return out
 
 
-def find_series(input_path: str, config: ml_collections.ConfigDict) -> list[Series]:
+def find_series(input_path: str, config: ml_collections.ConfigDict,
+                report: data_lib.LoadReport | None = None) -> list[Series]:
   """Finds and loads every series under `input_path` (see the module docstring).
+
+  Files skipped with `predict.on_error='skip'` are listed in `report.skipped`.
 
   A folder with DICOM files is one series (its subfolders are searched too); a folder with an
   `images/` subfolder of PNGs is a PNG data set (masks from `<contour>_labels/` become the
@@ -219,7 +222,7 @@ def find_series(input_path: str, config: ml_collections.ConfigDict) -> list[Seri
   if not os.path.isdir(input_path):
     raise PredictError(f'{input_path}: input must be a folder (a DICOM series, a tree of '
                        'series, or a folder of PNG images), not a file')
-  report = data_lib.LoadReport(str(config.predict.on_error))
+  report = report if report is not None else data_lib.LoadReport(config.predict.on_error)
   contour_dir, sheet = _contour_source(config)
   table_path = data_lib.spacing_table_path(config.data)
   table = data_lib.read_spacing_table(table_path) if table_path else {}
@@ -245,6 +248,12 @@ def find_series(input_path: str, config: ml_collections.ConfigDict) -> list[Seri
       series += _png_series(dirpath, frames)
   report.log_summary(input_path)
   series = [s for s in series if s.frames]
+  for s in series:
+    constant = [f.frame_id for f in s.frames if f.image.size and np.ptp(f.image) == 0]
+    if constant:
+      warn(s.warnings, '%s: %d frame(s) hold one constant value (%s%s): nothing to segment, '
+           'their masks are empty', s.folder, len(constant), ', '.join(constant[:5]),
+           ', ...' if len(constant) > 5 else '')
   if not series:
     raise PredictError(f'{input_path}: no DICOM series (*.dcm or DICOM files without an '
                        'extension) and no PNG images found' +

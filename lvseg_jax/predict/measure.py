@@ -199,7 +199,8 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
       frames=rows)
   if not has_grid(frames):
     notes.append('frames have no slice/phase information: areas per frame only, no volumes')
-    summary.update(num_slices=None, num_phases=None, volumes=None, expert=None)
+    summary.update(num_slices=None, num_phases=None, volumes=None, expert=None,
+                   volumes_missing='the frames have no slice/phase information')
     summary['warnings'] = notes
     return summary
   spacing, spacing_source, spacing_notes = slice_spacing(
@@ -218,13 +219,15 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
     times = [f.trigger_time for f in frames if f.phase_index == t and f.trigger_time is not None]
     phase_times.append(float(np.median(times)) if times else None)
   summary['phase_trigger_time_ms'] = phase_times
-  volumes = None
+  volumes, missing_reason = None, 'no spacing between slices in the input'
   if math.isfinite(spacing):
     try:
       volumes = clinical.lv_volumes(grid, spacing).to_dict()
     except ValueError as e:
       notes.append(f'volumes not computed: {e}')
+      missing_reason = str(e)
   summary['volumes'] = volumes
+  summary['volumes_missing'] = None if volumes is not None else missing_reason
   expert = expert_volumes(frames, spacing) if math.isfinite(spacing) else {}
   if expert:
     expert['areas_mm2'] = area_grid_from(frames, poly_areas).tolist()

@@ -82,7 +82,7 @@ SERIES_COLUMNS = ('series', 'case', 'num_frames', 'num_slices', 'num_phases',
                   'slice_spacing_mm', 'ed_phase', 'es_phase', 'edv_ml', 'esv_ml', 'sv_ml',
                   'ef_pct', 'expert_edv_ml', 'expert_esv_ml', 'expert_ef_pct',
                   'expert_phase_edv_ml', 'expert_phase_esv_ml', 'expert_phase_ef_pct',
-                  'num_warnings')
+                  'num_warnings', 'note')
 
 
 def fmt(value: Any) -> str:
@@ -122,7 +122,9 @@ def series_row(summary: dict[str, Any]) -> dict[str, Any]:
       expert_edv_ml=extrema.get('edv_ml'), expert_esv_ml=extrema.get('esv_ml'),
       expert_ef_pct=extrema.get('ef_pct'), expert_phase_edv_ml=phase.get('edv_ml'),
       expert_phase_esv_ml=phase.get('esv_ml'), expert_phase_ef_pct=phase.get('ef_pct'),
-      num_warnings=len(summary.get('warnings', [])))
+      num_warnings=len(summary.get('warnings', [])),
+      note=(f"no volumes: {summary['volumes_missing']}" if summary.get('volumes_missing')
+            else ''))
 
 
 def write_series_outputs(series: Series, predictions: Sequence[Prediction],
@@ -197,11 +199,15 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
     json.dump(metrics.to_jsonable(summary), f, indent=1)
 
 
-def write_index(output: str, summaries: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
-  """The top-level summary.csv (one row per series) and summary.json."""
-  _write_csv(os.path.join(output, 'summary.csv'), SERIES_COLUMNS,
-             [series_row(s) for s in summaries])
+def write_index(output: str, summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
+                skipped: Sequence[tuple[str, str]] = ()) -> None:
+  """The top-level summary.csv (one row per series, then one per skipped file) and
+  summary.json (with `skipped`: every input file left out, and why)."""
+  rows = [series_row(s) for s in summaries]
+  rows += [dict(note=f'skipped {path}: {problem}') for path, problem in skipped]
+  _write_csv(os.path.join(output, 'summary.csv'), SERIES_COLUMNS, rows)
   index = dict(meta, series=[{k: v for k, v in s.items() if k not in ('frames', 'areas_mm2')}
-                             for s in summaries])
+                             for s in summaries],
+               skipped=[{'path': path, 'problem': problem} for path, problem in skipped])
   with open(os.path.join(output, 'summary.json'), 'w') as f:
     json.dump(metrics.to_jsonable(index), f, indent=1)
