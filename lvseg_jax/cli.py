@@ -15,6 +15,7 @@ from lvseg_jax import checkpointing
 from lvseg_jax import config_check
 from lvseg_jax import contours
 from lvseg_jax import data
+from lvseg_jax import evaluate
 from lvseg_jax import predict
 from lvseg_jax import train
 
@@ -50,7 +51,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None,
   if mode == 'train':
     train.train_and_evaluate(config, workdir)
   elif mode == 'evaluate':
-    train.evaluate_checkpoint(config, workdir, overridden)
+    evaluate.evaluate_checkpoint(config, workdir, overridden)
   else:
     predict.predict(config, workdir, input_path, output, overridden)
 

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ from lvseg_jax import augment
 from lvseg_jax import checkpointing
 from lvseg_jax import config_check
 from lvseg_jax import data as data_lib
-from lvseg_jax import metrics as metrics_lib
+from lvseg_jax import evaluate as evaluate_lib
+from lvseg_jax import results as results_lib
 from lvseg_jax import models
 from lvseg_jax import plots
 
@@ -222,70 +223,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
   return jax.jit(mapped, donate_argnums=0)
 
 
-def make_predict_fn(model) -> Callable:
-  """Jitted forward pass with running averages: (variables, images) -> label maps."""
-
-  @jax.jit
-  def predict(variables, images):
-    logits = model.apply(variables, images, train=False)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  return predict
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def predict_dataset(predict_fn: Callable, variables: dict[str, Any],
-                    dataset: 'data_lib.Dataset', batch_size: int) -> list[np.ndarray]:
-  """Label maps for every frame of `dataset`, at each frame's original resolution."""
-  outputs: list[np.ndarray | None] = [None] * len(dataset.frames)
-  for batch in dataset.batches(batch_size, seed=0, epoch=0, shuffle=False,
-                               drop_remainder=False, process_index=0, process_count=1):
-    labels = np.asarray(predict_fn(variables, batch['image']))
-    for row, index in enumerate(batch['index']):
-      if batch['valid'][row]:
-        outputs[int(index)] = dataset.to_original(int(index), labels[row])
-  missing = [i for i, o in enumerate(outputs) if o is None]
-  if missing:
-    raise RuntimeError(f'{len(missing)} frames got no prediction (indices {missing[:5]}...).')
-  return outputs  # type: ignore[return-value]
-
-
-def evaluate_dataset(predict_fn: Callable, variables: dict[str, Any],
-                     dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict,
-                     ) -> tuple[dict[str, Any], list[np.ndarray]]:
-  """Challenge-protocol metrics of a model on a dataset, at the original resolution."""
-  predictions = predict_dataset(predict_fn, variables, dataset, config.eval.batch_size)
-  records = []
-  for frame, pred in zip(dataset.frames, predictions):
-    records.append(dict(case=frame.case, frame_id=frame.frame_id, pred_mask=pred,
-                        expert_mask=frame.mask, pixel_spacing=frame.pixel_spacing,
-                        spacing_source=frame.spacing_source, expert_contour=frame.contour))
-  return metrics_lib.evaluate(records, good_apd_mm=config.eval.good_apd_mm), predictions
-
-
-def headline(results: dict[str, Any]) -> dict[str, float]:
-  """The few numbers logged during training, from `metrics.evaluate` results.
-
-  dice: per-image mean over all frames (what most papers report; picks the best checkpoint).
-  apd_mm, good_pct, dice_good: challenge style, mean over cases (APD and Dice over good
-  contours).
-  """
-  over_cases = results['per_set']['mean_std_over_cases']
-  per_image = results['per_set']['per_image']
-  return {'dice': float(per_image['dice_all']['mean']),
-          'dice_good': float(over_cases['dice_good']['mean']),
-          'apd_mm': float(over_cases['apd_good_mm']['mean']),
-          'good_pct': float(over_cases['good_pct']['mean'])}
-
-
-def _summary_line(results: dict[str, Any]) -> str:
-  h = headline(results)
-  return (f"Dice {h['dice']:.4f} (per image, all frames); over cases: good contours "
-          f"{h['good_pct']:.1f}%, APD {h['apd_mm']:.2f} mm and Dice {h['dice_good']:.4f} "
-          f"over good contours")
-
-
 # ----------------------------------------------------------------------------- training loop
 
 class Stopped(Exception):
@@ -429,7 +366,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = NamedSharding(mesh, P(AXIS))
   state = replicate(state, mesh)
   step_fn = make_train_step(config, mesh, schedule)
-  predict_fn = make_predict_fn(eval_model)
+  predict_fn = evaluate_lib.make_predict_fn(eval_model)
   start_step = int(state.step)
   stream = _batch_stream(train_ds, config, steps_per_epoch, start_step)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -451,12 +388,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     variables = {'params': state.params}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
-    results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
-    head = headline(results)
+    results, predictions = evaluate_lib.evaluate_dataset(predict_fn, variables, eval_ds, config)
+    head = evaluate_lib.headline(results)
     checkpointer.save_best(step, jax.device_get(variables), head['dice'],
                            {'kind': 'variables', 'step': step, **head})
     _append_jsonl(metrics_path, {'step': step, 'split': 'eval', **head})
-    logging.info('step %d eval: %s', step, _summary_line(results))
+    logging.info('step %d eval: %s', step, evaluate_lib.summary_line(results))
     results['_predictions'] = predictions
     results['_step'] = step
     return results
@@ -504,62 +441,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   predictions = last_eval.pop('_predictions')
   last_eval.pop('_step')
   name = 'eval_' + '+'.join(config.data.eval_sets)
-  metrics_lib.write_results(last_eval, workdir, name)
+  results_lib.write_results(last_eval, workdir, name)
   plots.training_curves(metrics_path, os.path.join(workdir, 'training_curves.png'))
   plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, 'val_overlays.png'),
                      max_items=config.train.num_overlays)
   checkpointer.close()
   logging.info('Done in %s. %s. Results: %s/%s.md', _format_seconds(time.time() - run_start),
-               _summary_line(last_eval), workdir, name)
+               evaluate_lib.summary_line(last_eval), workdir, name)
   return last_eval
-
-
-def eval_name(config: ml_collections.ConfigDict) -> str:
-  """What `evaluate_checkpoint` evaluated, as a file name: checkpoint, sets, data source, and
-  the spacing table and contour kind where they are not the defaults."""
-  parts = [config.eval.checkpoint, '+'.join(_eval_sets(config)), config.data.source]
-  if config.data.spacing_table:
-    parts.append('spacing-' + os.path.splitext(os.path.basename(config.data.spacing_table))[0])
-  if config.data.contour != 'i':
-    parts.append(f'contour-{config.data.contour}')
-  return 'eval_' + '_'.join(parts)
-
-
-def _eval_sets(config: ml_collections.ConfigDict) -> list[str]:
-  return [s.strip() for s in config.eval.split.split(',') if s.strip()]
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        overridden: Sequence[str] = ()) -> dict[str, Any]:
-  """Evaluates the workdir's best (or latest) checkpoint on `config.eval.split`.
-
-  The model and its preprocessing come from the workdir, the data and evaluation settings from
-  `config` (`checkpointing.config_for_run`); only the scored cases are loaded.
-
-  Args:
-    config: the command line's config.
-    workdir: a training workdir.
-    overridden: the dotted fields set on the command line.
-  """
-  config = checkpointing.config_for_run(config, checkpointing.load_config(workdir), overridden)
-  config_check.check(config)
-  _, variables = checkpointing.load_for_inference(workdir, config.eval.checkpoint)
-  wanted = []
-  for name in _eval_sets(config):
-    wanted += (data_lib.available_cases(config.data) if name == data_lib.ALL_CASES
-               else data_lib.get_official_set(name))
-  eval_ds = data_lib.load_dataset(config.data, cases=wanted, name=config.eval.split)
-  predict_fn = make_predict_fn(models.get_model(config.model))
-  results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
-  name = eval_name(config)
-  results['evaluated'] = {'checkpoint': config.eval.checkpoint, 'sets': _eval_sets(config),
-                          **{k: config.data[k] for k in ('root', 'source', 'contour',
-                                                         'spacing_table', 'on_error')}}
-  metrics_lib.write_results(results, workdir, name)
-  plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, f'{name}_overlays.png'),
-                     max_items=config.train.num_overlays)
-  logging.info('%s: %s. Results: %s/%s.md', name, _summary_line(results), workdir, name)
-  return results
 
 
 def _drop_records_after(path: str, step: int) -> None:

@@ -21,6 +21,7 @@ from lvseg_jax import checkpointing
 from lvseg_jax import cli
 from lvseg_jax import config_check
 from lvseg_jax import data
+from lvseg_jax import evaluate
 from lvseg_jax import predict
 from lvseg_jax import train
 
@@ -50,13 +51,13 @@ def _copy(workdir, tmp_path):
 
 def test_evaluate_takes_the_spacing_table_from_the_command_line(trained, tmp_path):
   config, workdir = trained
-  nominal = train.evaluate_checkpoint(copy.deepcopy(config), workdir)
+  nominal = evaluate.evaluate_checkpoint(copy.deepcopy(config), workdir)
   table = tmp_path / 'spacing.csv'
   cases = data.get_official_set('validation')
   table.write_text('case,pixel_spacing_mm\n' + ''.join(f'{c},2.5\n' for c in cases))
   scaled_config = copy.deepcopy(config)
   scaled_config.data.spacing_table = str(table)
-  scaled = train.evaluate_checkpoint(scaled_config, workdir, ['data.spacing_table'])
+  scaled = evaluate.evaluate_checkpoint(scaled_config, workdir, ['data.spacing_table'])
   assert {f['spacing_source'] for f in scaled['per_frame']} == {'table'}
   # Isotropic spacing scales every distance of the APD geometry by the same factor.
   factor = 2.5 / config.data.nominal_spacing_mm
@@ -71,7 +72,7 @@ def test_evaluate_takes_the_data_source_from_the_command_line(trained):
   config, workdir = trained
   dicom_config = copy.deepcopy(config)
   dicom_config.data.source = 'dicom'
-  results = train.evaluate_checkpoint(dicom_config, workdir, ['data.source'])
+  results = evaluate.evaluate_checkpoint(dicom_config, workdir, ['data.source'])
   # Of the validation cases, the staged DICOM copy has SC-HF-I-05 and SC-HF-I-06.
   assert {f['case'] for f in results['per_frame']} == {'SC-HF-I-05', 'SC-HF-I-06'}
   assert {f['spacing_source'] for f in results['per_frame']} == {'dicom'}
@@ -85,9 +86,9 @@ def test_overriding_a_trained_field_in_evaluate_is_an_error(trained):
   wider.model.base_width = 8
   with pytest.raises(ValueError, match=r'--config.model.base_width=8.*trained with '
                                        r'model.base_width=4.*come from the workdir'):
-    train.evaluate_checkpoint(wider, workdir, ['model.base_width'])
+    evaluate.evaluate_checkpoint(wider, workdir, ['model.base_width'])
   # Not given on the command line: the workdir's value is used, silently and correctly.
-  assert train.evaluate_checkpoint(wider, workdir)['per_frame']
+  assert evaluate.evaluate_checkpoint(wider, workdir)['per_frame']
 
 
 def test_evaluate_loads_only_the_cases_it_scores(trained, data_root, tmp_path):
@@ -100,11 +101,11 @@ def test_evaluate_loads_only_the_cases_it_scores(trained, data_root, tmp_path):
     f.write(b'not a png')
   local = copy.deepcopy(config)
   local.data.root = str(root)
-  results = train.evaluate_checkpoint(local, workdir, ['data.root'])
+  results = evaluate.evaluate_checkpoint(local, workdir, ['data.root'])
   assert 'SC-HF-I-01' not in {f['case'] for f in results['per_frame']}
   local.eval.split = 'training'   # ...while scoring the training set meets it
   with pytest.raises(data.DataError, match='SC-HF-I-01'):
-    train.evaluate_checkpoint(local, workdir, ['data.root'])
+    evaluate.evaluate_checkpoint(local, workdir, ['data.root'])
 
 
 # ------------------------------------------------------------------- damaged checkpoints
@@ -165,7 +166,7 @@ def test_damaged_best_checkpoint_in_evaluate_names_the_folder(trained, tmp_path)
   best.eval.checkpoint = 'best'
   with pytest.raises(checkpointing.CheckpointError,
                      match=rf'{os.path.join(work, "best", step)}.*checkpoint=latest'):
-    train.evaluate_checkpoint(best, work)
+    evaluate.evaluate_checkpoint(best, work)
 
 
 # ------------------------------------------------------------------- config, resume log

@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from lvseg_jax import experiments
-from lvseg_jax import metrics
+from lvseg_jax import results as results_lib
 from lvseg_jax import train
 
 
@@ -173,7 +173,7 @@ def test_results_table_aggregates_over_seeds_as_documented():
 
 
 def _evaluation(seed: int) -> dict:
-  """Real `metrics.evaluate` output on two synthetic disk frames (prediction shifted)."""
+  """Real `results.evaluate` output on two synthetic disk frames (prediction shifted)."""
   yy, xx = np.mgrid[:40, :40]
   records = []
   for i, shift in enumerate((1 + seed, 3)):
@@ -181,7 +181,7 @@ def _evaluation(seed: int) -> dict:
     pred = ((yy - 20) ** 2 + (xx - 20 - shift) ** 2 < 64).astype(np.uint8)
     records.append(dict(case=f'case{i}', frame_id='IM-0001-0001', pred_mask=pred,
                         expert_mask=expert, pixel_spacing=(1.0, 1.0)))
-  return metrics.evaluate(records)
+  return results_lib.evaluate(records)
 
 
 def _fake_train(calls, fail_for=(), interrupt_for=()):
@@ -194,7 +194,7 @@ def _fake_train(calls, fail_for=(), interrupt_for=()):
     if config.model.name in interrupt_for:
       return {}
     results = _evaluation(config.seed)
-    metrics.write_results(results, workdir, 'eval_' + '+'.join(config.data.eval_sets))
+    results_lib.write_results(results, workdir, 'eval_' + '+'.join(config.data.eval_sets))
     return results
 
   return fake

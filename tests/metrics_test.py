@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial import distance as sp_distance
 
 from lvseg_jax import metrics
+from lvseg_jax import results as results_lib
 
 FAST = hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
 
@@ -431,7 +432,7 @@ def _synthetic_records():
 
 def test_evaluate_aggregates_per_case_and_per_set():
   records, truth = _synthetic_records()
-  res = metrics.evaluate(records)
+  res = results_lib.evaluate(records)
   frames = res['per_frame']
   assert [f['case'] for f in frames] == [t['case'] for t in truth]
   for f, t in zip(frames, truth):
@@ -498,23 +499,23 @@ def test_evaluate_aggregates_per_case_and_per_set():
 
 def test_evaluate_threshold_changes_good():
   records, truth = _synthetic_records()
-  strict = metrics.evaluate(records, good_apd_mm=2.0)
+  strict = results_lib.evaluate(records, good_apd_mm=2.0)
   assert strict['good_apd_mm'] == 2.0
   assert strict['per_case']['B']['n_good'] == 2  # 1, 3, 1 mm
 
 
 def test_evaluate_rejects_bad_records():
   with pytest.raises(ValueError):
-    metrics.evaluate([])
+    results_lib.evaluate([])
   with pytest.raises(ValueError, match='pixel_spacing'):
-    metrics.evaluate([{'case': 'A', 'frame_id': '1', 'pred_mask': np.zeros((4, 4)),
+    results_lib.evaluate([{'case': 'A', 'frame_id': '1', 'pred_mask': np.zeros((4, 4)),
                        'expert_mask': np.zeros((4, 4))}])
 
 
 def test_write_results_json_and_markdown(tmp_path):
   records, _ = _synthetic_records()
-  res = metrics.evaluate(records)
-  paths = metrics.write_results(res, str(tmp_path / 'eval'), 'scd_val')
+  res = results_lib.evaluate(records)
+  paths = results_lib.write_results(res, str(tmp_path / 'eval'), 'scd_val')
   assert paths['json'] == str(tmp_path / 'eval' / 'scd_val.json')
 
   def no_nan(token):

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lvseg_jax import checkpointing
+from lvseg_jax import evaluate
 from lvseg_jax import train
 
 
@@ -61,7 +62,7 @@ def test_training_on_real_data_logs_finite_losses_and_writes_outputs(trained_run
 def test_evaluate_mode_scores_the_saved_checkpoint(trained_run, data_root):
   config, workdir, results = trained_run
   config.eval.checkpoint = 'latest'
-  again = train.evaluate_checkpoint(config, workdir)
+  again = evaluate.evaluate_checkpoint(config, workdir)
   # The final evaluation ran on the same (last) parameters, so the numbers match exactly.
   assert [f['dice'] for f in again['per_frame']] == [f['dice'] for f in results['per_frame']]
   assert os.path.exists(os.path.join(workdir, 'eval_latest_validation_png.md'))

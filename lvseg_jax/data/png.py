@@ -15,7 +15,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from lvseg_jax.data.records import DataError, Frame, LoadReport, normalize_case_id, root_dir, walk_files
+from lvseg_jax.data.records import (DataError, Frame, LoadReport, normalize_case_id, root_dir,
+                                    walk_files)
 
 
 _PNG_NAME_RE = re.compile(r'^(?P<case>.+?)-(?P<frame_id>IM-\d+-(?P<instance>\d+))(?:\.dcm)?\.png$',

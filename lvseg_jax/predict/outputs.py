@@ -13,7 +13,7 @@ import numpy as np
 
 from lvseg_jax import data as data_lib
 from lvseg_jax import export
-from lvseg_jax import metrics
+from lvseg_jax import results as results_lib
 from lvseg_jax.predict import measure
 from lvseg_jax.predict.inference import Prediction
 from lvseg_jax.predict.inputs import Series, warn
@@ -160,7 +160,8 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
         label.append(f'slice {f.slice_index} phase {f.phase_index}')
       label.append('ED' if row['is_ed'] else 'ES' if row['is_es'] else '')
       overlay_writer.write(os.path.join(folder, 'overlays', f'{f.frame_id}.png'), f.image,
-                           p.contour, export.expert_outline(f), title='  '.join(s for s in label if s))
+                           p.contour, export.expert_outline(f),
+                           title='  '.join(s for s in label if s))
       counts['overlays'] += 1
     if p.uncertainty is not None:
       export.write_uncertainty_png(os.path.join(folder, 'uncertainty', f'{f.frame_id}.png'),
@@ -196,7 +197,7 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
              for k, v in outputs.items()}
   summary['outputs'] = outputs
   with open(os.path.join(folder, 'summary.json'), 'w') as f:
-    json.dump(metrics.to_jsonable(summary), f, indent=1)
+    json.dump(results_lib.to_jsonable(summary), f, indent=1)
 
 
 def write_index(output: str, summaries: Sequence[dict[str, Any]], meta: dict[str, Any],
@@ -210,4 +211,4 @@ def write_index(output: str, summaries: Sequence[dict[str, Any]], meta: dict[str
                              for s in summaries],
                skipped=[{'path': path, 'problem': problem} for path, problem in skipped])
   with open(os.path.join(output, 'summary.json'), 'w') as f:
-    json.dump(metrics.to_jsonable(index), f, indent=1)
+    json.dump(results_lib.to_jsonable(index), f, indent=1)

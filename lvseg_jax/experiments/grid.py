@@ -1,32 +1,6 @@
-"""Ablation grids: train and evaluate every cell of a config grid, then a paper-style table.
+"""Ablation grids: cells from a grid of config overrides, and running them (resumable).
 
-A grid maps dotted config keys to the values to try, e.g.
-
-  {'model.name': ['unet', 'lnu', 'ibu'], 'augment.elastic': [True, False], 'seed': [0, 1]}
-
-`expand_grid` turns it into cells (one dict of overrides each), `run_grid` trains and evaluates
-the cells one after another with `train.train_and_evaluate` (the same code on CPU, GPU or TPU),
-each in `workdir/<cell folder>/`, and `write_report` writes the comparison table
-(`results.md`, `results.json`) and a box plot (`boxplot.png`).
-
-Re-running skips finished cells: a cell is finished when its folder holds `DONE` (written after
-its evaluation JSON) and the config recorded there matches the cell's config. An interrupted
-cell resumes from its latest checkpoint (`train_and_evaluate` does that).
-
-Overrides that cannot change a cell's run are dropped and the identical cells merged (see
-`_APPLIES_ONLY_IF`): e.g. `model.ibn_mode` only matters for `model.name='ibu'`, so
-{'model.name': ['unet', 'ibu'], 'model.ibn_mode': ['split', 'blend']} gives 3 cells, not 4.
-
-Table columns (per group of cells, aggregated over seeds and folds):
-  * Dice, per image: mean ± sample std of the Dice of every evaluated frame of every run
-    (undetected frames count as 0), the pooled per-image convention of most papers.
-  * Dice, over runs: mean ± std over runs of each run's per-image mean Dice (seed spread).
-  * APD (mm), over cases: the 2009 challenge's convention: each case's mean APD over its good
-    contours (APD < `eval.good_apd_mm`); mean ± std over the (run, case) pairs.
-  * Good contours (%), over cases: each case's percentage of good contours; mean ± std over the
-    (run, case) pairs (the challenge's convention).
-Standard deviations use ddof=1, like `metrics.evaluate`; 'n/a' where fewer than 2 values (std)
-or none (mean) exist, e.g. APD when no contour is good.
+See the package docstring (`lvseg_jax.experiments`) for the grid and re-run rules.
 """
 
 from __future__ import annotations
@@ -37,20 +11,17 @@ import datetime
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import time
 import traceback
 from typing import Any, Mapping, Sequence
 
-from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 from absl import logging
 
 from lvseg_jax import checkpointing
-from lvseg_jax import metrics as metrics_lib
 from lvseg_jax import models
 from lvseg_jax import train as train_lib
 
@@ -117,19 +88,19 @@ _MISSING = object()
 # ----------------------------------------------------------------------------- cells
 
 
-def _value_str(value: Any) -> str:
+def value_str(value: Any) -> str:
   """A value as it appears in cell names: strings bare, everything else as JSON."""
   if isinstance(value, str):
     return value
-  return json.dumps(_plain(value))
+  return json.dumps(to_plain(value))
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
   """JSON-able plain types (tuples become lists, NaN stays a float)."""
   if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
+    return {str(k): to_plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
+    return [to_plain(v) for v in value]
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
   if isinstance(value, (int, np.integer)):
@@ -147,7 +118,7 @@ def cell_name(overrides: Mapping[str, Any]) -> str:
   """
   if not overrides:
     return 'base'
-  return ','.join(f'{k}={_value_str(overrides[k])}' for k in sorted(overrides))
+  return ','.join(f'{k}={value_str(overrides[k])}' for k in sorted(overrides))
 
 
 def cell_dirname(overrides: Mapping[str, Any], max_len: int = 120) -> str:
@@ -294,7 +265,7 @@ class CellResult:
     status: 'finished' (trained now), 'skipped' (finished earlier, results loaded), 'failed',
       'planned' (dry run), 'pending' (not reached: the grid stopped on a signal) or
       'interrupted' (stopped by a signal; rerun to resume).
-    results: the `metrics.evaluate` results as written to the evaluation JSON (NaN as None),
+    results: the `results.evaluate` results as written to the evaluation JSON (NaN as None),
       for 'finished' and 'skipped' cells.
     error: the traceback of a failed cell.
     seconds: training + evaluation time of a cell trained now (or when it was trained).
@@ -314,7 +285,7 @@ class CellResult:
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{'section.field': plain value} without the keys that cannot change a run's numbers."""
-  return {k: _plain(v) for k, v in checkpointing.flatten_config(config).items()
+  return {k: to_plain(v) for k, v in checkpointing.flatten_config(config).items()
           if not any(k == p or (p.endswith('.') and k.startswith(p))
                      for p in _RUN_INVARIANT_KEYS)}
 
@@ -352,7 +323,7 @@ def _load_finished(cell_dir: str, config: ml_collections.ConfigDict
 
 def _write_done(cell_dir: str, name: str, overrides: Mapping[str, Any],
                 config: ml_collections.ConfigDict, seconds: float) -> None:
-  record = {'name': name, 'overrides': _plain(dict(overrides)),
+  record = {'name': name, 'overrides': to_plain(dict(overrides)),
             'eval_json': _eval_name(config) + '.json', 'seconds': seconds,
             'finished_at': datetime.datetime.now().isoformat(timespec='seconds'),
             'config': _flat_config(config)}
@@ -403,8 +374,8 @@ def run_grid(base_config: ml_collections.ConfigDict, grid: Mapping[str, Sequence
   cells, configs = check_grid(base_config, grid)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, GRID_FILE), 'w') as f:
-    json.dump({'grid': _plain(dict(grid)),
-               'cells': [{'name': cell_name(c), 'dir': cell_dirname(c), 'overrides': _plain(c)}
+    json.dump({'grid': to_plain(dict(grid)),
+               'cells': [{'name': cell_name(c), 'dir': cell_dirname(c), 'overrides': to_plain(c)}
                          for c in cells]}, f, indent=2)
 
   total = len(cells)
@@ -455,218 +426,6 @@ def run_grid(base_config: ml_collections.ConfigDict, grid: Mapping[str, Sequence
   counts = {s: sum(r.status == s for r in out) for s in sorted({r.status for r in out})}
   logging.info('Grid %s: %s.', workdir, ', '.join(f'{n} {s}' for s, n in counts.items()))
   return out
-
-
-# ----------------------------------------------------------------------------- table
-
-
-def _group_key(cell: CellResult, group_by: Sequence[str]) -> tuple[str, ...]:
-  # '—' marks an override the cell does not have (dropped as not applicable, e.g. the IBN
-  # mode of a U-Net) or never set.
-  return tuple(_value_str(cell.overrides[k]) if k in cell.overrides else '—' for k in group_by)
-
-
-def default_group_by(cells: Sequence[CellResult]) -> tuple[str, ...]:
-  """Every override key of the cells except the replicate keys (seed, fold), in grid order."""
-  keys: list[str] = []
-  for cell in cells:
-    keys += [k for k in cell.overrides if k not in keys and k not in REPLICATE_KEYS]
-  return tuple(keys)
-
-
-def _groups(cells: Sequence[CellResult], group_by: Sequence[str]
-            ) -> list[tuple[tuple[str, ...], list[CellResult]]]:
-  groups: dict[tuple[str, ...], list[CellResult]] = {}
-  for cell in cells:
-    groups.setdefault(_group_key(cell, group_by), []).append(cell)
-  return list(groups.items())
-
-
-def _per_frame(cells: Sequence[CellResult], metric: str) -> list[Any]:
-  return [f[metric] for c in cells if c.ok for f in c.results['per_frame']]
-
-
-def _per_case(cells: Sequence[CellResult], metric: str) -> list[Any]:
-  return [v[metric] for c in cells if c.ok for v in c.results['per_case'].values()]
-
-
-def summarize(cells: Sequence[CellResult],
-              group_by: Sequence[str] | None = None) -> dict[str, Any]:
-  """The numbers behind the table (module docstring), JSON-able.
-
-  Args:
-    cells: from `run_grid`.
-    group_by: override keys that define a table row; default `default_group_by(cells)`.
-
-  Returns:
-    {'group_by': [...], 'groups': [{'group': {key: value}, 'runs', 'failed', 'cells',
-     'dice_per_image', 'dice_run_means', 'apd_good_mm_over_cases', 'good_pct_over_cases'}],
-     'cells': [{'name', 'dir', 'status', 'overrides', 'seconds', 'error'}]}, each metric a
-    {'mean', 'std', 'n'}.
-  """
-  group_by = tuple(default_group_by(cells) if group_by is None else group_by)
-  groups = []
-  for key, members in _groups(cells, group_by):
-    done = [c for c in members if c.ok]
-    groups.append({
-        'group': dict(zip(group_by, key)),
-        'runs': len(done),
-        'failed': [c.name for c in members if not c.ok],
-        'cells': [c.name for c in members],
-        'dice_per_image': metrics_lib.mean_std(_per_frame(done, 'dice')),
-        'dice_run_means': metrics_lib.mean_std(
-            c.results['per_set']['per_image']['dice_all']['mean'] for c in done),
-        'apd_good_mm_over_cases': metrics_lib.mean_std(_per_case(done, 'apd_good_mm')),
-        'good_pct_over_cases': metrics_lib.mean_std(_per_case(done, 'good_pct')),
-    })
-  return {
-      'group_by': list(group_by),
-      'groups': groups,
-      'cells': [{'name': c.name, 'dir': os.path.basename(c.workdir), 'status': c.status,
-                 'overrides': _plain(c.overrides), 'seconds': c.seconds,
-                 'error': c.error.strip().splitlines()[-1] if c.error else None}
-                for c in cells],
-  }
-
-
-def _fmt(ms: Mapping[str, Any], digits: int) -> str:
-  if not math.isfinite(ms['mean']):
-    return 'n/a'
-  std = f"{ms['std']:.{digits}f}" if math.isfinite(ms['std']) else 'n/a'
-  return f"{ms['mean']:.{digits}f} ± {std}"
-
-
-def results_table(cells: Sequence[CellResult], group_by: Sequence[str] | None = None) -> str:
-  """Markdown comparison table, one row per group, with the definitions under it.
-
-  Cells that did not finish are named under the table (their group's `runs` excludes them).
-  """
-  summary = summarize(cells, group_by)
-  keys = summary['group_by']
-  header = keys + ['runs', 'Dice, per image (all frames)', 'Dice, over runs',
-                   'APD (mm), over cases (good contours)', 'good contours (%), over cases']
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '---|' * len(keys) + '---:|' * (len(header) - len(keys))]
-  for g in summary['groups']:
-    row = [g['group'][k] for k in keys] + [
-        str(g['runs']),
-        f"{_fmt(g['dice_per_image'], 3)} (n={g['dice_per_image']['n']})",
-        _fmt(g['dice_run_means'], 3),
-        f"{_fmt(g['apd_good_mm_over_cases'], 2)} (n={g['apd_good_mm_over_cases']['n']})",
-        f"{_fmt(g['good_pct_over_cases'], 1)} (n={g['good_pct_over_cases']['n']})",
-    ]
-    lines.append('| ' + ' | '.join(row) + ' |')
-  lines += [
-      '',
-      'mean ± std (ddof=1); n = values averaged. *Dice, per image*: every evaluated frame of '
-      'every run (undetected frames as 0). *Dice, over runs*: the runs\' per-image means '
-      '(spread over seeds/folds). *APD* (average perpendicular distance, 2009 challenge '
-      'protocol) and *good contours* (APD < the good-contour threshold): per case, then over '
-      'the (run, case) pairs, as the challenge reported them; cases without a good contour '
-      'have no APD. "—": the override does not apply to that row (e.g. the IBN mode of a '
-      'U-Net) and the base config\'s value was used.',
-  ]
-  not_done = [c for c in summary['cells'] if c['status'] not in ('finished', 'skipped')]
-  if not_done:
-    lines += ['', 'Cells without results (not in the table):', '']
-    lines += [f"* `{c['name']}`: {c['status']}" + (f" ({c['error']})" if c['error'] else '')
-              for c in not_done]
-  return '\n'.join(lines) + '\n'
-
-
-def boxplot(cells: Sequence[CellResult], out_png: str,
-            group_by: Sequence[str] | None = None) -> str:
-  """Box plots of per-image Dice (all frames) and APD (detected frames) per group."""
-  group_by = tuple(default_group_by(cells) if group_by is None else group_by)
-  groups = _groups(cells, group_by)
-  labels = [f"{' / '.join(key) if key else 'all'}\n({sum(c.ok for c in members)} run"
-            f"{'' if sum(c.ok for c in members) == 1 else 's'})" for key, members in groups]
-  panels = [('Dice per image (all frames)', 'dice'), ('APD per image, mm (detected frames)',
-                                                       'apd_mm')]
-  width = max(6.0, 1.1 * len(groups) * len(panels) + 2)
-  fig = Figure(figsize=(width, 4.2))
-  axes = fig.subplots(1, len(panels), squeeze=False)
-  for ax, (title, metric) in zip(axes[0], panels):
-    data = [metrics_lib.finite(_per_frame(members, metric)) for _, members in groups]
-    # An empty box would make matplotlib drop the group; show it as 'no data' instead.
-    positions = [i + 1 for i, d in enumerate(data) if d.size]
-    if positions:
-      ax.boxplot([d for d in data if d.size], positions=positions, widths=0.6,
-                 showmeans=True, flierprops={'markersize': 2})
-    for i, d in enumerate(data):
-      if not d.size:
-        ax.text(i + 1, 0.5, 'no data', ha='center', va='center', rotation=90,
-                transform=ax.get_xaxis_transform(), color='gray')
-    ax.set_xticks(range(1, len(groups) + 1))
-    ax.set_xticklabels(labels, rotation=20 if len(groups) > 3 else 0, ha='right'
-                       if len(groups) > 3 else 'center', fontsize=8)
-    ax.set_xlim(0.4, len(groups) + 0.6)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis='y', alpha=0.3)
-    if metric == 'dice':
-      ax.set_ylim(-0.02, 1.02)
-  if group_by:
-    fig.suptitle(' / '.join(group_by), fontsize=9)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  fig.savefig(out_png, dpi=110)
-  return out_png
-
-
-def describe_setting(base_config: ml_collections.ConfigDict,
-                     cells: Sequence[CellResult]) -> str:
-  """One paragraph: scale, training length, split and seeds of the grid (for results.md)."""
-  m, d, t = base_config.model, base_config.data, base_config.train
-  length = (f'{t.num_steps} steps' if t.num_steps > 0 else f'{t.num_epochs} epochs')
-  if d.split == 'kfold':
-    split = (f'{d.num_folds}-fold patient-level cross-validation over '
-             f'{"+".join(d.kfold_sets)} (kfold_seed {d.kfold_seed})')
-  else:
-    split = f'official (train on {"+".join(d.train_sets)}, evaluate on {"+".join(d.eval_sets)})'
-  frames = ''
-  for cell in cells:
-    path = os.path.join(cell.workdir, 'split.json')
-    if cell.ok and os.path.exists(path):
-      with open(path) as f:
-        s = json.load(f)
-      frames = (f' ({len(s["train_cases"])} cases / {s["train_frames"]} frames train, '
-                f'{len(s["eval_cases"])} cases / {s["eval_frames"]} frames eval in '
-                f'`{cell.name}`)')
-      break
-  seeds = sorted({c.overrides.get('seed', base_config.seed) for c in cells})
-  folds = sorted({c.overrides['data.fold'] for c in cells if 'data.fold' in c.overrides})
-  seeds_s = f'{len(seeds)} seed{"s" if len(seeds) > 1 else ""} ({", ".join(map(str, seeds))})'
-  folds_s = f', folds {", ".join(map(str, folds))}' if folds else ''
-  return (f'Scale: {d.image_size}x{d.image_size} images, base width {m.base_width}, depth '
-          f'{m.depth}; {length}, batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g}. '
-          f'Split: {split}{frames}. {seeds_s}{folds_s} per row. Good contour: APD < '
-          f'{base_config.eval.good_apd_mm:g} mm.')
-
-
-def write_report(cells: Sequence[CellResult], workdir: str,
-                 base_config: ml_collections.ConfigDict | None = None,
-                 group_by: Sequence[str] | None = None) -> dict[str, str]:
-  """Writes `results.md` (setting + table), `results.json` and `boxplot.png` into `workdir`.
-
-  Returns:
-    {'markdown': path, 'json': path, 'boxplot': path}.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  summary = summarize(cells, group_by)
-  lines = ['# Ablation results', '']
-  if base_config is not None:
-    summary['setting'] = describe_setting(base_config, cells)
-    lines += [summary['setting'], '']
-  lines.append(results_table(cells, group_by))
-  paths = {'markdown': os.path.join(workdir, 'results.md'),
-           'json': os.path.join(workdir, 'results.json'),
-           'boxplot': os.path.join(workdir, 'boxplot.png')}
-  with open(paths['markdown'], 'w') as f:
-    f.write('\n'.join(lines))
-  with open(paths['json'], 'w') as f:
-    json.dump(metrics_lib.to_jsonable(summary), f, indent=2, allow_nan=False)
-  boxplot(cells, paths['boxplot'], group_by)
-  return paths
 
 
 def parse_grid(spec: str) -> dict[str, list[Any]]:
