@@ -105,15 +105,23 @@ def test_ibu_first_block_holds_instance_and_batch_parts():
 
 
 def test_ibu_first_block_output_mixes_instance_and_batch_statistics():
-  """Scaling one sample changes the instance half of block 0 differently from the BN half."""
-  cfg = _model_config('ibu', base_width=4, depth=1)
-  model = models.get_model(cfg)
-  x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
-  variables = models.init_variables(model, jax.random.key(1), 16)
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
-  mean = state['batch_stats']['down0']['norm0']['batch']['mean']
-  assert mean.shape == (2,) and np.all(np.isfinite(mean))
-  assert not np.allclose(mean, 0.0)   # running stats really updated in train mode
+  """In IBU-Net's first block layer, an affine change of one sample (x1 -> 3 x1 + 5) leaves
+  the instance-normalized half of both samples unchanged (per-sample statistics) and changes
+  the batch-normalized half of the other sample (shared batch statistics)."""
+  cfg = _model_config('ibu', base_width=8, depth=1)
+  ibn = models.get_model(cfg).first_norm(use_running_average=False)
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 8)).astype(np.float32)
+  variables = ibn.init(jax.random.key(0), x)
+  y, state = ibn.apply(variables, x, mutable=['batch_stats'])
+  x2 = x.copy()
+  x2[1] = 3 * x[1] + 5
+  y2, _ = ibn.apply(variables, x2, mutable=['batch_stats'])
+  half = int(round(8 * cfg.ibn_ratio))
+  # The variance is E[x^2] - E[x]^2 in float32 over a 64-pixel plane: its relative rounding is
+  # about n u E[x^2] / var = 64 * 6e-8 * 34 / 9 = 1.5e-5 for the shifted sample, and |y| < 4.
+  np.testing.assert_allclose(y2[..., :half], y[..., :half], atol=1e-4)
+  assert np.abs(y2[0, ..., half:] - y[0, ..., half:]).mean() > 0.1   # ~0.7: new batch stats
+  assert not np.allclose(state['batch_stats']['batch']['mean'], 0.0)
 
 
 @pytest.mark.parametrize('mode', ['split', 'sequential', 'blend'])

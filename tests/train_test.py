@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lvseg_jax import checkpointing
+from lvseg_jax import data
 from lvseg_jax import evaluate
 from lvseg_jax import train
 
@@ -48,7 +49,11 @@ def test_training_on_real_data_logs_finite_losses_and_writes_outputs(trained_run
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'split.json')) as f:
     split = json.load(f)
-  assert split  # the split the run used is recorded
+  # The split the run used: the official sets, as SPLITS.md lists them, with frame counts.
+  assert split['split'] == 'official' and split['train_sets'] == ['training']
+  assert split['train_cases'] == list(data.get_official_set('training'))
+  assert split['eval_cases'] == list(data.get_official_set('validation'))
+  assert split['train_frames'] + split['eval_frames'] == 526   # the PNG copy's 526 frames
   # Evaluated on every validation frame, at the original resolution.
   with open(os.path.join(workdir, 'eval_validation.json')) as f:
     written = json.load(f)
