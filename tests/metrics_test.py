@@ -291,10 +291,12 @@ def test_apd_with_few_points():
   expert = circle(0.0, 0.0, 10.0, 400)
   # One point: its distance to the expert contour.
   assert metrics.apd_mm(np.array([[3.0, 4.0]]), expert, 1.0) == pytest.approx(5.0, abs=1e-3)
-  # Two and three points are handled and give finite, sensible values.
+  # Two points: the chord between them is the tangent, so each normal is the vertical line
+  # x = +-2, which meets the circle at y = sqrt(100 - 4) (the nearest point would give 8).
+  # The 400-gon is within 10 (1 - cos(pi / 400)) = 3e-4 of the circle.
   two = np.array([[-2.0, 0.0], [2.0, 0.0]])
   three = circle(0.0, 0.0, 4.0, 3)
-  assert 5.0 <= metrics.apd_mm(two, expert, 1.0) <= 10.0
+  assert metrics.apd_mm(two, expert, 1.0) == pytest.approx(math.sqrt(96.0), abs=1e-3)
   assert metrics.apd_mm(three, expert, 1.0) == pytest.approx(6.0, abs=0.05)
   # A contour that is a single repeated point collapses to one point.
   assert metrics.apd_mm(np.array([[0.0, 6.0]] * 4), expert, 1.0) == pytest.approx(4.0, abs=1e-3)
@@ -445,6 +447,7 @@ def test_evaluate_aggregates_per_case_and_per_set():
 
   apd = np.array([np.nan if f['apd_mm'] is None else f['apd_mm'] for f in frames])
   mcd = np.array([f['mcd_mm'] for f in frames])
+  hd95 = np.array([np.nan if f['hd95_mm'] is None else f['hd95_mm'] for f in frames])
   dice = np.array([t['dice'] for t in truth])
   good = np.array([t['good'] for t in truth])
   det = np.array([t['detected'] for t in truth])
@@ -466,6 +469,7 @@ def test_evaluate_aggregates_per_case_and_per_set():
         'dice_all': dice[m].mean(),
         'apd_detected_mm': apd[m & det].mean(),
         'mcd_detected_mm': mcd[m & det].mean(),
+        'hd95_detected_mm': hd95[m & det].mean(),
     }
     per_case_expected[case] = exp
     for key, value in exp.items():
@@ -479,7 +483,7 @@ def test_evaluate_aggregates_per_case_and_per_set():
   over = res['per_set']['mean_std_over_cases']
   assert over['n_cases'] == 3
   for key in ['detected_pct', 'good_pct', 'dice_good', 'apd_good_mm', 'dice_all',
-              'apd_detected_mm', 'mcd_detected_mm']:
+              'apd_detected_mm', 'mcd_detected_mm', 'hd95_detected_mm']:
     vals = np.array([per_case_expected[c][key] for c in 'ABC'])
     vals = vals[~np.isnan(vals)]
     assert over[key]['n'] == len(vals), key
