@@ -36,11 +36,11 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
     for i in range(2):
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.use_bias,
                   dtype=self.dtype, name=f'conv{i}')(x)
-      x = nn.relu(self.norm(name=f'norm{i}')(x))
+      x = nn.relu(self.norm(name=f'norm{i}')(x, mask=mask))
     return x
 
 
@@ -66,7 +66,12 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
+    """Logits (N, H, W, num_classes) of images x (N, H, W, C).
+
+    `mask` (N,) bool, in training: the real samples of a padded batch, the only ones batch
+    statistics are taken from.
+    """
     size = x.shape[1:3]
     if size[0] % 2**self.depth or size[1] % 2**self.depth:
       raise ValueError(f'Input size {size} must be divisible by 2**depth = {2**self.depth}.')
@@ -74,19 +79,21 @@ class UNet(nn.Module):
     first_norm = norm if self.first_norm is None else norms.for_mode(self.first_norm, train)
     block = functools.partial(ConvBlock, use_bias=self.use_bias, dtype=self.dtype)
     x = x.astype(self.dtype)
+    if mask is not None:
+      mask = jnp.asarray(mask, bool).reshape((-1, 1, 1, 1))
     skips = []
     for level in range(self.depth):
       x = block(self.base_width * 2**level, first_norm if level == 0 else norm,
-                name=f'down{level}')(x)
+                name=f'down{level}')(x, mask)
       skips.append(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = block(self.base_width * 2**self.depth, norm, name='bottleneck')(x)
+    x = block(self.base_width * 2**self.depth, norm, name='bottleneck')(x, mask)
     for level in reversed(range(self.depth)):
       features = self.base_width * 2**level
       x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype,
                            name=f'upconv{level}')(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
-      x = block(features, norm, name=f'up{level}')(x)
+      x = block(features, norm, name=f'up{level}')(x, mask)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
 

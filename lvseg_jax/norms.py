@@ -24,15 +24,29 @@ Array = jax.Array
 ModuleDef = Any
 
 
-def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None
-             ) -> tuple[Array, Array]:
-  """Float32 mean and biased variance over `axes` (and the devices of `axis_name`), keepdims."""
+def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None,
+             mask: Array | None = None) -> tuple[Array, Array]:
+  """Float32 mean and biased variance over `axes` (and the devices of `axis_name`), keepdims.
+
+  `mask` (broadcastable to x, True = counts) restricts the statistics to those entries, e.g. the
+  real rows of a padded batch.
+  """
   x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=tuple(axes), keepdims=True)
-  mean_sq = jnp.mean(jnp.square(x32), axis=tuple(axes), keepdims=True)
-  if axis_name is not None:
-    # Equal per-device batch sizes, so averaging the moments gives the global moments.
-    mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+  if mask is None:
+    mean = jnp.mean(x32, axis=tuple(axes), keepdims=True)
+    mean_sq = jnp.mean(jnp.square(x32), axis=tuple(axes), keepdims=True)
+    if axis_name is not None:
+      # Equal per-device batch sizes, so averaging the moments gives the global moments.
+      mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+  else:
+    w = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+    sums = (jnp.sum(x32 * w, axis=tuple(axes), keepdims=True),
+            jnp.sum(jnp.square(x32) * w, axis=tuple(axes), keepdims=True),
+            jnp.sum(w, axis=tuple(axes), keepdims=True))
+    if axis_name is not None:   # devices may hold different numbers of real rows
+      sums = jax.lax.psum(sums, axis_name)
+    count = jnp.maximum(sums[2], 1.0)
+    mean, mean_sq = sums[0] / count, sums[1] / count
   return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
@@ -41,6 +55,10 @@ def _count(x: Array, axes: Sequence[int], axis_name: str | None = None) -> Array
   for a in axes:
     count *= x.shape[a]
   return count if axis_name is None else jax.lax.psum(count, axis_name)
+
+
+def _psum(value: Array, axis_name: str | None) -> Array:
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
 def _affine(module: nn.Module, y: Array, use_scale: bool, use_bias: bool,
@@ -56,9 +74,10 @@ def _affine(module: nn.Module, y: Array, use_scale: bool, use_bias: bool,
 
 def _normalize(module: nn.Module, x: Array, axes: Sequence[int], use_scale: bool,
                use_bias: bool, param_dtype: Any, epsilon: float,
-               axis_name: str | None = None) -> tuple[Array, Array, Array]:
+               axis_name: str | None = None, mask: Array | None = None
+               ) -> tuple[Array, Array, Array]:
   """`(x - mean) / sqrt(var + epsilon) * scale + bias` over `axes`; also the moments."""
-  mean, var = _moments(x, axes, axis_name)
+  mean, var = _moments(x, axes, axis_name, mask)
   y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + epsilon)
   y = _affine(module, y, use_scale, use_bias, param_dtype)
   return y.astype(x.dtype), mean, var
@@ -85,7 +104,10 @@ class BatchNorm(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    """`mask` (broadcastable to x, True = counts, as in Flax): the entries the batch statistics
+    come from, e.g. `valid[:, None, None, None]` to leave a padded batch's filler rows out."""
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
     features = x.shape[-1]
@@ -97,11 +119,13 @@ class BatchNorm(nn.Module):
       y = _affine(self, y, self.use_scale, self.use_bias, self.param_dtype)
       return y.astype(x.dtype)
     y, mean, var = _normalize(self, x, axes, self.use_scale, self.use_bias, self.param_dtype,
-                              self.epsilon, self.axis_name)
+                              self.epsilon, self.axis_name, mask)
     if not self.is_initializing():
       mean, var = mean.reshape(features), var.reshape(features)
       if self.unbiased_running_var:
-        count = _count(x, axes, self.axis_name)
+        count = (_count(x, axes, self.axis_name) if mask is None else _psum(
+            jnp.sum(jnp.broadcast_to(mask, x.shape)[..., 0].astype(jnp.float32)),
+            self.axis_name))
         var = var * count / jnp.maximum(count - 1.0, 1.0)
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
@@ -109,14 +133,18 @@ class BatchNorm(nn.Module):
 
 
 class InstanceNorm(nn.Module):
-  """Instance normalization: per sample and channel over (H, W); no running state."""
+  """Instance normalization: per sample and channel over (H, W); no running state.
+
+  Per-sample statistics need no batch `mask`; it is accepted so every norm can be called alike.
+  """
   epsilon: float = 1e-5
   use_scale: bool = True
   use_bias: bool = True
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+    del mask
     axes = tuple(range(1, x.ndim - 1))
     return _normalize(self, x, axes, self.use_scale, self.use_bias, self.param_dtype,
                       self.epsilon)[0]
@@ -126,7 +154,8 @@ class LayerNorm(nn.Module):
   """Layer normalization in the CNN sense: per sample over (H, W, C), per-channel affine.
 
   This is what LN U-Nets use (PyTorch `nn.LayerNorm([C, H, W])` with a per-channel affine),
-  not Flax's default of normalizing over the channel axis only.
+  not Flax's default of normalizing over the channel axis only. Per-sample statistics: the
+  batch `mask` is accepted and not needed.
   """
   epsilon: float = 1e-5
   use_scale: bool = True
@@ -134,7 +163,8 @@ class LayerNorm(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+    del mask
     axes = tuple(range(1, x.ndim))
     return _normalize(self, x, axes, self.use_scale, self.use_bias, self.param_dtype,
                       self.epsilon)[0]
@@ -172,7 +202,9 @@ class InstanceBatchNorm(nn.Module):
                         **kwargs)
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    """`mask`: as `BatchNorm`'s, for the batch-normalized part."""
     if self.mode not in IBN_MODES:
       raise ValueError(f'Unknown IBN mode {self.mode!r}; choose one of {IBN_MODES}.')
     features = x.shape[-1]
@@ -183,14 +215,14 @@ class InstanceBatchNorm(nn.Module):
             f'IBN split ratio {self.ratio} leaves no channels for one of the two parts '
             f'({features} channels).')
       x_in = self._instance_norm()(x[..., :n_instance])
-      x_bn = self._batch_norm()(x[..., n_instance:], use_running_average)
+      x_bn = self._batch_norm()(x[..., n_instance:], use_running_average, mask=mask)
       return jnp.concatenate([x_in, x_bn], axis=-1)
     if self.mode == 'sequential':
-      return self._batch_norm()(self._instance_norm()(x), use_running_average)
+      return self._batch_norm()(self._instance_norm()(x), use_running_average, mask=mask)
     # blend: normalize without affine in both, mix, then a single affine.
     x_in = self._instance_norm(use_scale=False, use_bias=False)(x).astype(jnp.float32)
     x_bn = self._batch_norm(use_scale=False, use_bias=False)(
-        x, use_running_average).astype(jnp.float32)
+        x, use_running_average, mask=mask).astype(jnp.float32)
     rho = jnp.clip(self.param('rho', nn.initializers.constant(0.5), (features,),
                               self.param_dtype), 0.0, 1.0)
     y = _affine(self, rho * x_bn + (1.0 - rho) * x_in, True, True, self.param_dtype)
@@ -201,7 +233,8 @@ class Identity(nn.Module):
   """No normalization (the original U-Net)."""
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+    del mask
     return x
 
 

@@ -150,7 +150,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     variables = {'params': params}
     if has_stats:
       variables['batch_stats'] = state.batch_stats
-      logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'])
+      # Padded rows (valid=False) stay out of the batch statistics, as out of the loss.
+      logits, updates = state.apply_fn(variables, images, train=True, mask=batch['valid'],
+                                       mutable=['batch_stats'])
     else:
       logits, updates = state.apply_fn(variables, images, train=True), {}
     ce, dice_loss, hard_dice = per_sample_losses(logits, masks)

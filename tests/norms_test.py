@@ -415,3 +415,30 @@ def test_batchnorm_gradients_under_shard_map_equal_global_batch(num_devices):
   np.testing.assert_allclose(gx, g_ref[1], rtol=1e-4, atol=1e-5)
   for key in ('scale', 'bias'):
     np.testing.assert_allclose(gp[key], g_ref[0][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_devices', [1, 4])
+def test_batchnorm_mask_takes_statistics_from_the_real_rows_only(num_devices):
+  """Rows 2, 5 and 7 are padding (junk values): the masked layer's statistics and its output on
+  the real rows equal the plain layer's on the real rows alone, on one device and under
+  shard_map with a different number of real rows per device."""
+  x = _rand((8, 4, 4, 3), loc=1.0, scale=2.0)
+  valid = np.ones(8, bool)
+  valid[[2, 5, 7]] = False
+  x[~valid] = 1e3
+  plain = norms.BatchNorm(use_running_average=False)
+  variables = plain.init(jax.random.key(0), x)
+  y_ref, upd_ref = plain.apply(variables, x[valid], mutable=['batch_stats'])
+  mask = valid[:, None, None, None]
+  if num_devices == 1:
+    y, upd = plain.apply(variables, x, mask=mask, mutable=['batch_stats'])
+  else:
+    mapped = norms.BatchNorm(use_running_average=False, axis_name='batch')
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), ('batch',))
+    step = lambda v, xs, ms: mapped.apply(v, xs, mask=ms, mutable=['batch_stats'])
+    y, upd = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P('batch'), P('batch')),
+                                   out_specs=(P('batch'), P())))(variables, x, mask)
+  np.testing.assert_allclose(np.asarray(y)[valid], y_ref, rtol=1e-5, atol=1e-5)
+  for key in ('mean', 'var'):
+    np.testing.assert_allclose(upd['batch_stats'][key], upd_ref['batch_stats'][key],
+                               rtol=1e-5, atol=1e-6)
