@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from lvseg_jax import config_check
+
 CONFIG_FILE = 'config.json'
 
 
@@ -108,12 +110,12 @@ def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.Co
     overridden: dotted fields set on the command line (`--config.a.b=...`).
 
   Raises:
-    ValueError: a command-line override of a trained field that differs from the run's.
+    ConfigError: a command-line override of a trained field that differs from the run's.
   """
   now, then = flatten_config(config), flatten_config(trained)
   clash = sorted(k for k in overridden if _trained(k) and k in then and now.get(k) != then[k])
   if clash:
-    raise ValueError(
+    raise config_check.ConfigError(
         '; '.join(f'--config.{k}={now.get(k)!r}' for k in clash) + ': the checkpoint was '
         f'trained with {", ".join(f"{k}={then[k]!r}" for k in clash)}, and the model\'s fields '
         '(architecture and preprocessing) come from the workdir. Drop the flag, or train a new '

@@ -31,8 +31,8 @@ def inference_config(run_config: ml_collections.ConfigDict,
   dtype = config.predict.dtype
   if dtype:
     if dtype not in models.DTYPES:
-      raise ValueError(f'predict.dtype={dtype!r}: choose from {sorted(models.DTYPES)} '
-                       "or '' (as trained).")
+      raise config_check.ConfigError(f'predict.dtype={dtype!r}: choose from '
+                                     f"{sorted(models.DTYPES)} or '' (as trained).")
     config.model.dtype = dtype   # activations only: the parameters are the same either way
   if (config.predict.tta and config.predict.tta_transforms != 'none'
       and not (trained_config.augment.flip_lr or trained_config.augment.flip_ud)):
