@@ -295,3 +295,19 @@ def test_run_grid_on_real_data_trains_reports_then_skips(tiny_config, tmp_path, 
   changed = experiments.apply_overrides(base, {'train.num_steps': 3})
   with pytest.raises(ValueError, match=r'train.num_steps: 2 -> 3'):
     experiments.run_grid(changed, grid, workdir)
+
+
+def test_parse_grid_takes_presets_and_json_objects_of_lists():
+  assert experiments.parse_grid('models') == {'model.name': ['unet', 'lnu', 'ibu']}
+  experiments.parse_grid('models')['model.name'].append('vnet')   # a copy, not the preset
+  assert experiments.PRESETS['models'] == {'model.name': ['unet', 'lnu', 'ibu']}
+  assert experiments.parse_grid('{"seed": [0, 1], "augment.elastic": [true, false]}') == {
+      'seed': [0, 1], 'augment.elastic': [True, False]}
+  with pytest.raises(ValueError, match="neither a preset .*models.* nor JSON"):
+    experiments.parse_grid('modles')
+  with pytest.raises(ValueError, match='object of key -> list'):
+    experiments.parse_grid('[0, 1]')
+  with pytest.raises(ValueError, match="'seed' must map to a non-empty list"):
+    experiments.parse_grid('{"seed": 1}')
+  with pytest.raises(ValueError, match="'seed' must map to a non-empty list"):
+    experiments.parse_grid('{"seed": []}')

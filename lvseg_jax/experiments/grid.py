@@ -443,4 +443,8 @@ def parse_grid(spec: str) -> dict[str, list[Any]]:
                      f'JSON: {e}') from e
   if not isinstance(grid, dict):
     raise ValueError(f'--grid JSON must be an object of key -> list of values; got {spec!r}.')
+  for key, values in grid.items():
+    if not isinstance(values, list) or not values:
+      raise ValueError(f'--grid: {key!r} must map to a non-empty list of values, got '
+                       f'{values!r}.')
   return grid
