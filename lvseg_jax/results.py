@@ -70,6 +70,15 @@ def _frame_group_metrics(frames: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   }
 
 
+def _counts(frames: list[dict[str, Any]]) -> dict[str, Any]:
+  """Frames, detected and good frames of a group, as counts and percentages of the group."""
+  n = len(frames)
+  n_det = sum(f['detected'] for f in frames)
+  n_good = sum(f['good'] for f in frames)
+  return {'n_frames': n, 'n_detected': n_det, 'n_good': n_good,
+          'detected_pct': 100.0 * n_det / n, 'good_pct': 100.0 * n_good / n}
+
+
 def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
              ) -> dict[str, Any]:
   """Challenge-style evaluation of a set of frames.
@@ -100,21 +109,15 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
       raise ValueError(f'record {k} lacks {missing}; required: {list(_RECORD_KEYS)}')
     frame = {'case': str(r['case']), 'frame_id': str(r['frame_id'])}
     frame.update(metrics.evaluate_frame(r['pred_mask'], r['expert_mask'], r['pixel_spacing'],
-                                expert_contour=r.get('expert_contour'),
-                                spacing_source=r.get('spacing_source', 'dicom'),
-                                good_apd_mm=good_apd_mm))
+                                        expert_contour=r.get('expert_contour'),
+                                        spacing_source=r.get('spacing_source', 'dicom'),
+                                        good_apd_mm=good_apd_mm))
     per_frame.append(frame)
     by_case.setdefault(frame['case'], []).append(frame)
 
   per_case = {}
   for case, frames in by_case.items():
-    n = len(frames)
-    n_det = sum(f['detected'] for f in frames)
-    n_good = sum(f['good'] for f in frames)
-    entry: dict[str, Any] = {
-        'n_frames': n, 'n_detected': n_det, 'n_good': n_good,
-        'detected_pct': 100.0 * n_det / n, 'good_pct': 100.0 * n_good / n,
-    }
+    entry = _counts(frames)
     entry.update({k: mean_std(v)['mean'] for k, v in _frame_group_metrics(frames).items()})
     per_case[case] = entry
 
@@ -122,13 +125,7 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
   for metric in _CASE_METRICS:
     over_cases[metric] = mean_std([c[metric] for c in per_case.values()])
 
-  n_all = len(per_frame)
-  n_det = sum(f['detected'] for f in per_frame)
-  n_good = sum(f['good'] for f in per_frame)
-  per_image: dict[str, Any] = {
-      'n_frames': n_all, 'n_detected': n_det, 'n_good': n_good,
-      'detected_pct': 100.0 * n_det / n_all, 'good_pct': 100.0 * n_good / n_all,
-  }
+  per_image = _counts(per_frame)
   per_image.update({k: mean_std(v) for k, v in _frame_group_metrics(per_frame).items()})
 
   return {
