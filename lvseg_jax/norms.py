@@ -1,9 +1,9 @@
 """Normalization layers written out as Flax linen modules with explicit state.
 
 All layers take NHWC inputs. Statistics are computed in float32 (also for bfloat16 activations)
-and the output is cast back to the input dtype. The variance is E[x^2] - E[x]^2 clamped at
-zero: under a mapped axis one `lax.pmean` of the two moments gives the global-batch statistics,
-and the variance can never go negative. JAX differentiates the layers.
+and the output is cast back to the input dtype. The variance is computed in two passes (the
+mean, then the mean squared deviation), each a `lax.pmean` under a mapped axis, so it is never
+negative and does not cancel for activations far from zero. JAX differentiates the layers.
 
 BatchNorm state convention (tested against PyTorch and Flax):
   * `momentum` follows Flax: running = momentum * running + (1 - momentum) * batch, so Flax's
@@ -28,26 +28,27 @@ def _moments(x: Array, axes: Sequence[int], axis_name: str | None = None,
              mask: Array | None = None) -> tuple[Array, Array]:
   """Float32 mean and biased variance over `axes` (and the devices of `axis_name`), keepdims.
 
-  `mask` (broadcastable to x, True = counts) restricts the statistics to those entries, e.g. the
-  real rows of a padded batch.
+  Two passes: the variance is the mean of (x - mean)^2, not E[x^2] - E[x]^2, which cancels
+  catastrophically for activations far from zero (offset 1e3, spread 0.1: normalized outputs
+  off by ~100). `mask` (broadcastable to x, True = counts) restricts the statistics to those
+  entries, e.g. the real rows of a padded batch.
   """
-  x32 = x.astype(jnp.float32)
+  axes = tuple(axes)
   if mask is None:
-    mean = jnp.mean(x32, axis=tuple(axes), keepdims=True)
-    mean_sq = jnp.mean(jnp.square(x32), axis=tuple(axes), keepdims=True)
-    if axis_name is not None:
-      # Equal per-device batch sizes, so averaging the moments gives the global moments.
-      mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+    def average(v):
+      v = jnp.mean(v, axis=axes, keepdims=True)
+      # Equal per-device batch sizes, so averaging the per-device means gives the global one.
+      return v if axis_name is None else jax.lax.pmean(v, axis_name)
   else:
     w = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
-    sums = (jnp.sum(x32 * w, axis=tuple(axes), keepdims=True),
-            jnp.sum(jnp.square(x32) * w, axis=tuple(axes), keepdims=True),
-            jnp.sum(w, axis=tuple(axes), keepdims=True))
-    if axis_name is not None:   # devices may hold different numbers of real rows
-      sums = jax.lax.psum(sums, axis_name)
-    count = jnp.maximum(sums[2], 1.0)
-    mean, mean_sq = sums[0] / count, sums[1] / count
-  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    # Devices may hold different numbers of real rows: sum, then divide.
+    count = jnp.maximum(_psum(jnp.sum(w, axis=axes, keepdims=True), axis_name), 1.0)
+
+    def average(v):
+      return _psum(jnp.sum(v * w, axis=axes, keepdims=True), axis_name) / count
+  x32 = x.astype(jnp.float32)
+  mean = average(x32)
+  return mean, average(jnp.square(x32 - mean))
 
 
 def _count(x: Array, axes: Sequence[int], axis_name: str | None = None) -> Array:
