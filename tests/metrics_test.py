@@ -610,3 +610,61 @@ def test_apd_equals_the_closed_form_normal_circle_intersection_on_an_ellipse():
   assert along_normal.mean() - nearest.mean() > 0.3
   # Isotropic spacing scales every distance of the geometry exactly.
   np.testing.assert_allclose(metrics.apd_mm(points, expert, 2.0), 2 * got, rtol=1e-9)
+
+
+def _published_apd_px(auto, expert, sector_deg=50.0):
+  """A second APD, written from the challenge's description (Radau et al. 2009,
+  compare_contours.m), not from metrics.py: the normal at each automatic point is perpendicular
+  to the line through its two neighbours; among the expert points within +-50 degrees of it
+  (angles about the automatic contour's centroid), the one nearest the normal line is picked;
+  the distance runs to where the normal meets the line through that point's two neighbours."""
+  centroid = auto.mean(axis=0)
+  expert_angle = np.arctan2(expert[:, 1] - centroid[1], expert[:, 0] - centroid[0])
+  out = np.empty(len(auto))
+  for i, a in enumerate(auto):
+    t = auto[(i + 1) % len(auto)] - auto[i - 1]
+    n = np.array([-t[1], t[0]]) / np.hypot(t[0], t[1])
+    angle = np.arctan2(a[1] - centroid[1], a[0] - centroid[0])
+    in_sector = np.flatnonzero(
+        np.abs((expert_angle - angle + np.pi) % (2 * np.pi) - np.pi) <= np.radians(sector_deg))
+    rel = expert[in_sector] - a
+    j = in_sector[np.argmin(np.abs(rel[:, 0] * n[1] - rel[:, 1] * n[0]))]
+    p, q = expert[j - 1], expert[(j + 1) % len(expert)]
+    s, _ = np.linalg.solve(np.array([n, p - q]).T, p - a)   # a + s n = p + u (q - p)
+    out[i] = abs(s)
+  return out
+
+
+def _rotated_ellipse(centre, axes, angle, n):
+  points, _ = _ellipse_by_arc_length((0.0, 0.0), axes, n)
+  c, s = np.cos(angle), np.sin(angle)
+  return points @ np.array([[c, s], [-s, c]]) + np.asarray(centre)
+
+
+def _three_lobed(centre, n):
+  th = np.linspace(0, 2 * np.pi, n + 1)[:-1]
+  r = 17 + 1.5 * np.cos(3 * th + 0.3) + 1.0 * np.sin(2 * th)
+  return np.stack([centre[0] + r * np.cos(th), centre[1] + r * np.sin(th)], 1)
+
+
+@pytest.mark.parametrize('auto_is_ellipse', [True, False])
+def test_apd_agrees_with_the_published_algorithm_on_shapes_without_symmetry(auto_is_ellipse):
+  """A rotated ellipse against an off-centre three-lobed curve (and the other way round): no
+  symmetry makes the normal distance equal the nearest-point distance."""
+  shapes = {'ellipse': lambda n: _rotated_ellipse((41.0, 39.0), (21.0, 12.0), 0.4, n),
+            'lobed': lambda n: _three_lobed((43.0, 38.0), n)}
+  auto_shape, expert_shape = ('ellipse', 'lobed') if auto_is_ellipse else ('lobed', 'ellipse')
+  auto, expert = shapes[auto_shape](300), shapes[expert_shape](600)
+  want = _published_apd_px(auto, expert)
+  got, method = metrics.perpendicular_distances_mm(auto, expert, 1.0)
+  assert np.all(method == metrics.APD_NORMAL_LINE)
+  # Bound: the two differ only in the normal's direction. metrics.py takes a +-2 px chord,
+  # whose direction is off the tangent by at most h^2 max|dkappa/ds| / 6 = 4 * 0.013 / 6 rad
+  # = 0.5 degrees on this ellipse (0.2 degrees on the lobed curve); over the <= 6 px to the
+  # expert curve that moves the crossing by 6 * 0.0087 = 0.052 px. The expert lines through
+  # neighbours 0.2-0.4 px apart sag from the curves by < 0.002 px.
+  np.testing.assert_allclose(got, want, atol=0.055)
+  assert metrics.apd_mm(auto, expert, 1.0) == pytest.approx(want.mean(), abs=0.055)
+  # ...while the nearest-point distance (to a 20,000-point expert curve) is ~0.2 px smaller.
+  nearest = np.linalg.norm(auto[:, None] - shapes[expert_shape](20_000)[None], axis=2).min(1)
+  assert want.mean() - nearest.mean() > 0.15, (want.mean(), nearest.mean())
