@@ -28,15 +28,12 @@ from lvseg_jax import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def trained(tiny_config, tmp_path_factory):
-  """A smoke run: 4 steps, checkpoints at steps 2 and 4, one evaluation at the end."""
-  tmp = tmp_path_factory.mktemp('cli')
-  config = tiny_config(tmp, num_steps=4, checkpoint_every_steps=2)
-  config.train.eval_every_epochs = 1000
+@pytest.fixture
+def trained(smoke_run):
+  """The session's smoke run (checkpoints at steps 3, 6 and 8), evaluated at its latest step."""
+  config, workdir, _ = smoke_run
+  config = copy.deepcopy(config)
   config.eval.checkpoint = 'latest'
-  workdir = str(tmp / 'work')
-  train.train_and_evaluate(config, workdir)
   return config, workdir
 
 
@@ -129,29 +126,29 @@ def _truncate_files(folder):
 def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, caplog):
   config, workdir = trained
   work = _copy(workdir, tmp_path)
-  _truncate_files(os.path.join(work, 'checkpoints', '4', 'state', 'ocdbt.process_0', 'd'))
+  _truncate_files(os.path.join(work, 'checkpoints', '8', 'state', 'ocdbt.process_0', 'd'))
   longer = copy.deepcopy(config)
-  longer.train.num_steps = 6
+  longer.train.num_steps = 10
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(longer, work)
-  assert any('[4] could not be read' in r.getMessage() and 'from step 2' in r.getMessage()
+  assert any('[8] could not be read' in r.getMessage() and 'from step 6' in r.getMessage()
              for r in caplog.records)
   records = [json.loads(line) for line in open(os.path.join(work, 'metrics.jsonl'))]
-  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+  assert [r['step'] for r in records if r['split'] == 'train'] == list(range(1, 11))
 
 
 @_ORBAX_LEFTOVERS
 def test_damaged_checkpoint_without_fallback_names_step_and_folder(trained, tmp_path):
   config, workdir = trained
   work = _copy(workdir, tmp_path)
-  _truncate_files(os.path.join(work, 'checkpoints', '4', 'state', 'ocdbt.process_0', 'd'))
+  _truncate_files(os.path.join(work, 'checkpoints', '8', 'state', 'ocdbt.process_0', 'd'))
   strict = copy.deepcopy(config)
-  strict.train.num_steps = 6
+  strict.train.num_steps = 10
   strict.train.resume_fallback = False
   with pytest.raises(checkpointing.CheckpointError) as error:
     train.train_and_evaluate(strict, work)
   message = str(error.value)
-  assert os.path.join(work, 'checkpoints', '4') in message and 'step 4' in message
+  assert os.path.join(work, 'checkpoints', '8') in message and 'step 8' in message
   assert 'resume_fallback' in message
 
 
@@ -177,7 +174,7 @@ def test_damaged_best_checkpoint_in_evaluate_names_the_folder(trained, tmp_path)
                                        ('train.num_steps', 0), ('data.fold', 7),
                                        ('model.depth', 0), ('train.learning_rate', -1.0)])
 def test_every_size_field_is_checked_up_front(tiny_config, tmp_path, key, value):
-  config = tiny_config(tmp_path)
+  config = tiny_config()
   section, field = key.split('.')
   config[section][field] = value
   with pytest.raises(config_check.ConfigError, match=rf'^config\.{key}={value}: must'):
@@ -186,13 +183,14 @@ def test_every_size_field_is_checked_up_front(tiny_config, tmp_path, key, value)
 
 
 def test_resume_cuts_metrics_back_to_the_restored_step(trained, tmp_path):
-  """As if killed after logging step 4 but before its checkpoint: resume logs 3-4 once."""
+  """As if killed after logging step 8 but before its checkpoint: resume logs 7-8 once."""
   config, workdir = trained
   work = _copy(workdir, tmp_path)
-  shutil.rmtree(os.path.join(work, 'checkpoints', '4'))
+  shutil.rmtree(os.path.join(work, 'checkpoints', '8'))
   train.train_and_evaluate(copy.deepcopy(config), work)
   records = [json.loads(line) for line in open(os.path.join(work, 'metrics.jsonl'))]
-  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4]
+  assert [r['step'] for r in records if r['split'] == 'train'] == list(range(1, 9))
+  assert [r['step'] for r in records if r['split'] == 'eval'] == [4, 8]
 
 
 # ------------------------------------------------------------------- predict: nothing vanishes
@@ -256,7 +254,7 @@ def test_sigterm_during_data_loading_stops_before_step_one(tiny_config, tmp_path
 
   monkeypatch.setattr(train.data_lib, 'load_datasets', load_then_signal)
   with pytest.raises(train.Stopped) as stopped:
-    train.train_and_evaluate(tiny_config(tmp_path, num_steps=4), str(tmp_path / 'w'))
+    train.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path / 'w'))
   assert stopped.value.step is None
   assert cli.exit_code(stopped.value, show_traceback=False) == 128 + signal.SIGTERM == 143
 
@@ -276,7 +274,7 @@ def test_sigint_during_training_saves_then_exits_130(tiny_config, tmp_path, monk
     return step
 
   monkeypatch.setattr(train, 'make_train_step', signalling_step)
-  config = tiny_config(tmp_path, num_steps=6, checkpoint_every_steps=100)
+  config = tiny_config(num_steps=6, checkpoint_every_steps=100)
   config.train.eval_every_epochs = 1000
   workdir = str(tmp_path / 'w')
   with pytest.raises(train.Stopped) as stopped:

@@ -1,7 +1,9 @@
 """Test setup: 8 forced host CPU devices (before JAX is imported) and the data location."""
 
+import copy
 import functools
 import os
+import shutil
 import sys
 
 # Appended, not set by default: an exported XLA_FLAGS must not leave the multi-device tests
@@ -32,13 +34,13 @@ def data_root() -> str:
   return os.path.abspath(DATA_ROOT)
 
 
-def make_tiny_config(data_root: str, tmp_path, **train_overrides):
+def make_tiny_config(data_root: str, cache_dir: str, **train_overrides):
   """The smoke config shrunk to seconds on the real data (32 px, width 4, depth 2, 1 device),
-  with its npz cache under `tmp_path` and `config.train` fields overridden by keyword."""
+  with its npz cache in `cache_dir` and `config.train` fields overridden by keyword."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.data.root = data_root
-  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.cache_dir = cache_dir
   config.data.image_size = 32
   config.model.base_width = 4
   config.model.depth = 2
@@ -50,6 +52,35 @@ def make_tiny_config(data_root: str, tmp_path, **train_overrides):
 
 
 @pytest.fixture(scope='session')
-def tiny_config(data_root):
-  """`tiny_config(tmp_path, **train_overrides)`: see `make_tiny_config`."""
-  return functools.partial(make_tiny_config, data_root)
+def tiny_config(data_root, tmp_path_factory):
+  """`tiny_config(**train_overrides)`: see `make_tiny_config`. One npz cache for the session,
+  so each training run after the first reads the preprocessed arrays instead of the PNGs."""
+  return functools.partial(make_tiny_config, data_root, str(tmp_path_factory.mktemp('cache')))
+
+
+SMOKE_STEPS_PER_EPOCH = 4   # 64-frame batches of the 260 official training frames
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tiny_config, tmp_path_factory):
+  """One trained smoke workdir for the session: (config, workdir, final results).
+
+  Data-parallel over 2 devices with the shard_map step; 8 steps of 64 frames, 2 epochs of
+  4 steps; checkpoints at steps 3, 6 and 8; evaluations at the end of each epoch (steps 4, 8).
+  Tests that change the workdir take `smoke_copy`.
+  """
+  from lvseg_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(num_steps=8, batch_size=64, checkpoint_every_steps=3, keep_checkpoints=5,
+                       eval_every_epochs=1, num_devices=2, parallel='shard_map')
+  workdir = str(tmp_path_factory.mktemp('smoke_run') / 'work')
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path):
+  """(config, workdir) of a copy of the session's smoke run, for a test that changes them."""
+  config, workdir, _ = smoke_run
+  target = str(tmp_path / 'smoke_copy')
+  shutil.copytree(workdir, target)
+  return copy.deepcopy(config), target

@@ -245,13 +245,13 @@ def test_run_grid_checks_every_cell_before_training(tmp_path, monkeypatch):
 
 
 def test_run_grid_on_real_data_trains_reports_then_skips(tiny_config, tmp_path, monkeypatch):
-  base = tiny_config(tmp_path, num_steps=2, checkpoint_every_steps=100, num_overlays=1)
+  base = tiny_config(num_steps=2, checkpoint_every_steps=100, num_overlays=1)
   base.lock()  # as ablate.py's config_flags gives it
-  grid = {'model.name': ['unet', 'ibu']}
+  # One real cell: the grid's bookkeeping over many cells is the fake-trainer tests' job.
+  grid = {'model.name': ['unet']}
   workdir = str(tmp_path / 'ablation')
   cells = experiments.run_grid(base, grid, workdir)
-  assert [(c.name, c.status) for c in cells] == [('model.name=unet', 'finished'),
-                                                 ('model.name=ibu', 'finished')]
+  assert [(c.name, c.status) for c in cells] == [('model.name=unet', 'finished')]
   for cell in cells:
     for name in (experiments.DONE_FILE, 'eval_validation.json', 'split.json'):
       assert os.path.exists(os.path.join(cell.workdir, name)), name
@@ -263,7 +263,7 @@ def test_run_grid_on_real_data_trains_reports_then_skips(tiny_config, tmp_path, 
   n_frames = len(cells[0].results['per_frame'])
   assert n_frames > 100
   assert [(g['group'], g['runs'], g['dice_per_image']['n']) for g in summary['groups']] == [
-      ({'model.name': 'unet'}, 1, n_frames), ({'model.name': 'ibu'}, 1, n_frames)]
+      ({'model.name': 'unet'}, 1, n_frames)]
   for group, cell in zip(summary['groups'], cells):  # one run: the run's own per-image mean
     np.testing.assert_allclose(group['dice_per_image']['mean'],
                                cell.results['per_set']['per_image']['dice_all']['mean'])
@@ -282,15 +282,14 @@ def test_run_grid_on_real_data_trains_reports_then_skips(tiny_config, tmp_path, 
 
   monkeypatch.setattr(train, 'train_and_evaluate', must_not_train)
   again = experiments.run_grid(base, grid, workdir)
-  assert [c.status for c in again] == ['skipped', 'skipped']
+  assert [c.status for c in again] == ['skipped']
   assert experiments.results_table(again) == experiments.results_table(cells)
   experiments.write_report(again, workdir, base)
   with open(paths['markdown']) as f:
     assert f.read() == report
   # A dry run of a larger grid plans only the new cell.
-  planned = experiments.run_grid(base, {'model.name': ['unet', 'ibu', 'lnu']}, workdir,
-                                 dry_run=True)
-  assert [c.status for c in planned] == ['skipped', 'skipped', 'planned']
+  planned = experiments.run_grid(base, {'model.name': ['unet', 'ibu']}, workdir, dry_run=True)
+  assert [c.status for c in planned] == ['skipped', 'planned']
   # A finished run with another config is not silently reused.
   changed = experiments.apply_overrides(base, {'train.num_steps': 3})
   with pytest.raises(ValueError, match=r'train.num_steps: 2 -> 3'):

@@ -450,3 +450,101 @@ def test_tree_of_series_and_png_data_set_layout(tmp_path, data_root):
       label = np.asarray(Image.open(os.path.join(meow, 'i_labels', os.path.basename(
           f.source_path))))
       np.testing.assert_array_equal(f.mask, label > 0)
+
+
+# ------------------------------------------------------------------- a full 20-phase cine
+
+
+@pytest.fixture(scope='module')
+def full_cine_run(tiny_workdir, data_root, tmp_path_factory):
+  """SC-HF-I-04: 10 slices x 20 phases; the expert drew the endocardium at phases 6 and 19."""
+  workdir, _ = tiny_workdir
+  config = predict_config()
+  config.predict.contour_dir = os.path.join(data_root, 'SCD_ManualContours')
+  config.predict.save_overlays = False
+  output = str(tmp_path_factory.mktemp('full_cine'))
+  series_dir, = glob.glob(os.path.join(data_root, 'SCD_IMAGES_01', 'SCD0000301', '*'))
+  summary, = predict.predict(config, workdir, series_dir, output)
+  return output, summary, series_dir
+
+
+def test_full_cine_volumes_ed_es_and_expert_columns(full_cine_run, data_root):
+  """Against the DICOM headers and the contour text files, read here: the slice/phase of
+  every frame, the expert areas (shoelace x pixel spacing), the expert volume of each phase
+  and of each slice's extremes (the data README's definition), and ED/ES of both."""
+  output, summary, series_dir = full_cine_run
+  folder = os.path.join(output, summary['series'])
+  headers = {int(h.InstanceNumber): h for h in map(
+      dicom_header, glob.glob(os.path.join(series_dir, '*.dcm')))}
+  assert len(headers) == 200
+  h = headers[1]
+  row_mm, col_mm = (float(v) for v in h.PixelSpacing)
+  between = float(h.SpacingBetweenSlices)
+  # SliceLocation orders the slices; TriggerTime orders the phases within a slice.
+  locations = sorted({float(h.SliceLocation) for h in headers.values()},
+                     key=lambda z: min(n for n, g in headers.items()
+                                       if float(g.SliceLocation) == z))
+  slice_of = {n: locations.index(float(g.SliceLocation)) for n, g in headers.items()}
+  phase_of = {n: sorted(float(g.TriggerTime) for m, g in headers.items()
+                        if slice_of[m] == slice_of[n]).index(float(g.TriggerTime))
+              for n, g in headers.items()}
+  expert = {}
+  for path in glob.glob(os.path.join(data_root, 'SCD_ManualContours', 'SC-HF-I-04',
+                                     'contours-manual', 'IRCCI-expert', '*-icontour-manual.txt')):
+    x, y = np.loadtxt(path).T
+    area_px = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    expert[int(os.path.basename(path).split('-')[2])] = area_px * row_mm * col_mm
+  assert sorted({phase_of[n] for n in expert}) == [6, 19]
+
+  rows = read_csv(os.path.join(folder, 'frames.csv'))
+  assert len(rows) == 200
+  for r in rows:
+    n = int(r['instance'])
+    assert (int(r['slice_index']), int(r['phase_index'])) == (slice_of[n], phase_of[n])
+    if n in expert:   # written with 4 decimals
+      assert float(r['expert_area_mm2']) == pytest.approx(expert[n], abs=1e-4)
+    else:
+      assert r['expert_area_mm2'] == ''
+  predicted = np.zeros(20)
+  for r in rows:
+    predicted[int(r['phase_index'])] += float(r['area_mm2']) * between / 1e3
+  ed, es = int(np.argmax(predicted)), int(np.argmin(predicted))
+  assert len(set(np.round(predicted, 3))) > 2   # ED/ES picked among distinct volumes
+  for r in rows:
+    assert (r['is_ed'], r['is_es']) == (str(int(int(r['phase_index']) == ed)),
+                                        str(int(int(r['phase_index']) == es)))
+
+  phase_volume = {t: sum(a for n, a in expert.items() if phase_of[n] == t) * between / 1e3
+                  for t in (6, 19)}
+  volumes = read_csv(os.path.join(folder, 'volumes.csv'))
+  assert [int(v['phase_index']) for v in volumes] == list(range(20))
+  for v in volumes:
+    t = int(v['phase_index'])
+    assert float(v['volume_ml']) == pytest.approx(predicted[t], abs=1e-3)
+    assert (v['is_ed'], v['is_es']) == (str(int(t == ed)), str(int(t == es)))
+    if t in phase_volume:
+      assert float(v['expert_volume_ml']) == pytest.approx(phase_volume[t], abs=1e-4)
+    else:
+      assert v['expert_volume_ml'] == ''
+
+  by_slice = {}
+  for n, a in expert.items():
+    by_slice.setdefault(slice_of[n], []).append(a)
+  extrema_edv = sum(max(a) for a in by_slice.values()) * between / 1e3
+  extrema_esv = sum(min(a) for a in by_slice.values()) * between / 1e3
+  top, = read_csv(os.path.join(output, 'summary.csv'))
+  assert (int(top['num_slices']), int(top['num_phases'])) == (10, 20)
+  assert (int(top['ed_phase']), int(top['es_phase'])) == (ed, es)
+  assert float(top['edv_ml']) == pytest.approx(predicted[ed], abs=1e-3)
+  assert float(top['esv_ml']) == pytest.approx(predicted[es], abs=1e-3)
+  assert float(top['expert_phase_edv_ml']) == pytest.approx(phase_volume[19], abs=1e-4)
+  assert float(top['expert_phase_esv_ml']) == pytest.approx(phase_volume[6], abs=1e-4)
+  assert float(top['expert_phase_ef_pct']) == pytest.approx(
+      100 * (1 - phase_volume[6] / phase_volume[19]), abs=1e-4)
+  assert float(top['expert_edv_ml']) == pytest.approx(extrema_edv, abs=1e-4)
+  assert float(top['expert_esv_ml']) == pytest.approx(extrema_esv, abs=1e-4)
+  # The data README's sanity check, rounded to whole ml: SC-HF-I-04 230/180.
+  assert (round(extrema_edv), round(extrema_esv)) == (230, 180)
+  with open(os.path.join(folder, 'summary.json')) as f:
+    saved = json.load(f)
+  assert (saved['expert']['phase']['ed_phase'], saved['expert']['phase']['es_phase']) == (19, 6)

@@ -1,7 +1,9 @@
 """The training loop end to end on the real data: logs, checkpoints, resume, NaN stop, eval."""
 
+import copy
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -14,6 +16,8 @@ from lvseg_jax import data
 from lvseg_jax import evaluate
 from lvseg_jax import train
 
+from conftest import SMOKE_STEPS_PER_EPOCH
+
 
 def _latest_params(workdir):
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
@@ -24,26 +28,18 @@ def _latest_params(workdir):
   return step, state
 
 
-@pytest.fixture(scope='module')
-def trained_run(tiny_config, tmp_path_factory):
-  """One smoke training run shared by the tests below (4 steps, then evaluation)."""
-  tmp_path = tmp_path_factory.mktemp('run')
-  # Data-parallel over 2 devices with the shard_map step, on real batches.
-  config = tiny_config(tmp_path, num_steps=4, checkpoint_every_steps=2,
-                       num_devices=2, parallel='shard_map')
-  workdir = str(tmp_path / 'work')
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
-
-
-def test_training_on_real_data_logs_finite_losses_and_writes_outputs(trained_run):
-  config, workdir, results = trained_run
+def _records(workdir, split):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  train_records = [r for r in records if r['split'] == 'train']
-  assert [r['step'] for r in train_records] == [1, 2, 3, 4]
+    return [r for r in map(json.loads, f) if r['split'] == split]
+
+
+def test_training_on_real_data_logs_finite_losses_and_writes_outputs(smoke_run):
+  config, workdir, results = smoke_run
+  train_records = _records(workdir, 'train')
+  assert [r['step'] for r in train_records] == list(range(1, 9))
   assert all(np.isfinite(r['loss']) and r['images_per_sec'] > 0 for r in train_records)
-  assert any(r['split'] == 'eval' for r in records)
+  # Evaluated at the end of each 4-step epoch.
+  assert [r['step'] for r in _records(workdir, 'eval')] == [4, 8]
   for name in ('config.json', 'split.json', 'training_curves.png', 'val_overlays.png',
                'eval_validation.json', 'eval_validation.md'):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -54,6 +50,7 @@ def test_training_on_real_data_logs_finite_losses_and_writes_outputs(trained_run
   assert split['train_cases'] == list(data.get_official_set('training'))
   assert split['eval_cases'] == list(data.get_official_set('validation'))
   assert split['train_frames'] + split['eval_frames'] == 526   # the PNG copy's 526 frames
+  assert split['train_frames'] // config.train.batch_size == SMOKE_STEPS_PER_EPOCH
   # Evaluated on every validation frame, at the original resolution.
   with open(os.path.join(workdir, 'eval_validation.json')) as f:
     written = json.load(f)
@@ -61,11 +58,13 @@ def test_training_on_real_data_logs_finite_losses_and_writes_outputs(trained_run
   cases = {f['case'] for f in written['per_frame']}
   assert 'SC-HF-I-05' in cases and 'SC-HF-I-01' not in cases
   step, state = _latest_params(workdir)
-  assert step == 4 and state['batch_stats']
+  assert step == 8 and state['batch_stats']
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [3, 6, 8]
 
 
-def test_evaluate_mode_scores_the_saved_checkpoint(trained_run, data_root):
-  config, workdir, results = trained_run
+def test_evaluate_mode_scores_the_saved_checkpoint(smoke_run):
+  config, workdir, results = smoke_run
+  config = copy.deepcopy(config)
   config.eval.checkpoint = 'latest'
   again = evaluate.evaluate_checkpoint(config, workdir)
   # The final evaluation ran on the same (last) parameters, so the numbers match exactly.
@@ -73,19 +72,50 @@ def test_evaluate_mode_scores_the_saved_checkpoint(trained_run, data_root):
   assert os.path.exists(os.path.join(workdir, 'eval_latest_validation_png.md'))
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
-  config = tiny_config(tmp_path, num_steps=5, checkpoint_every_steps=100)
-  config.train.eval_every_epochs = 1000
-  full = str(tmp_path / 'full')
-  train.train_and_evaluate(config, full)
-  parts = str(tmp_path / 'parts')
-  config.train.halt_after_steps = 2        # as if preempted after step 2
-  assert train.train_and_evaluate(config, parts) == {}
-  assert _latest_params(parts)[0] == 2
-  config.train.halt_after_steps = -1
-  train.train_and_evaluate(config, parts)  # same command: resumes
-  (s1, a), (s2, b) = _latest_params(full), _latest_params(parts)
-  assert s1 == s2 == 5
+def test_best_checkpoint_holds_the_best_of_the_evaluations(smoke_run):
+  """best/ keeps the step whose validation Dice was highest, and evaluating it gives that Dice
+  again (with best != latest that is the earlier parameters, not the last ones)."""
+  config, workdir, _ = smoke_run
+  dice = {r['step']: r['dice'] for r in _records(workdir, 'eval')}
+  (best,) = (int(s) for s in os.listdir(os.path.join(workdir, 'best')))
+  assert dice[best] == max(dice.values())
+  config = copy.deepcopy(config)
+  config.eval.checkpoint = 'best'
+  again = evaluate.evaluate_checkpoint(config, workdir)
+  assert evaluate.headline(again)['dice'] == dice[best]
+
+
+def test_best_is_the_highest_dice_even_when_a_later_evaluation_is_worse(smoke_run, tmp_path):
+  """Three evaluations, Dice 0.4, 0.7, 0.5: best is the second, latest the third."""
+  config, workdir, _ = smoke_run
+  _, variables = checkpointing.load_for_inference(workdir, 'latest')
+  checkpointing.save_config(config, str(tmp_path))
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  shifted = lambda k: jax.tree_util.tree_map(lambda x: np.asarray(x) + k, variables)
+  for step, dice in ((1, 0.4), (2, 0.7), (3, 0.5)):
+    checkpointer.save_best(step, shifted(step), dice, {'kind': 'variables', 'step': step})
+    checkpointer.save_latest(step, shifted(step), {'kind': 'variables', 'step': step})
+  checkpointer.close()
+  assert os.listdir(tmp_path / 'best') == ['2']
+  for which, step in (('best', 2), ('latest', 3)):
+    _, restored = checkpointing.load_for_inference(str(tmp_path), which)
+    for got, want in zip(jax.tree_util.tree_leaves(restored),
+                         jax.tree_util.tree_leaves(shifted(step))):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_resume_from_an_earlier_checkpoint_across_an_epoch_boundary(smoke_run, smoke_copy):
+  """Resumed from step 3 (3 of epoch 0's 4 batches done), the run skips those 3 batches, crosses
+  into epoch 1 and ends where the uninterrupted run ended, bit for bit."""
+  _, workdir, _ = smoke_run
+  config, work = smoke_copy
+  for step in ('6', '8'):
+    shutil.rmtree(os.path.join(work, 'checkpoints', step))
+  train.train_and_evaluate(config, work)
+  assert [r['step'] for r in _records(work, 'train')] == list(range(1, 9))
+  assert [r['step'] for r in _records(work, 'eval')] == [4, 8]
+  (s1, a), (s2, b) = _latest_params(workdir), _latest_params(work)
+  assert s1 == s2 == 8
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -103,7 +133,7 @@ def test_train_step_compiles_once_per_run_fresh_and_resumed(tiny_config, tmp_pat
     return made[-1]
 
   monkeypatch.setattr(train, 'make_train_step', recording)
-  config = tiny_config(tmp_path, num_steps=4, checkpoint_every_steps=100, halt_after_steps=2,
+  config = tiny_config(num_steps=4, checkpoint_every_steps=100, halt_after_steps=2,
                        parallel=parallel)
   config.train.eval_every_epochs = 1000
   workdir = str(tmp_path / 'work')
@@ -114,27 +144,23 @@ def test_train_step_compiles_once_per_run_fresh_and_resumed(tiny_config, tmp_pat
   assert [step_fn._cache_size() for step_fn in made] == [1, 1]  # pylint: disable=protected-access
 
 
-def test_resuming_with_a_different_optimizer_layout_is_a_clear_error(tiny_config, tmp_path):
-  config = tiny_config(tmp_path, num_steps=3, checkpoint_every_steps=100, halt_after_steps=1,
-                       flatten_optimizer=False)
-  config.train.eval_every_epochs = 1000
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  config.train.flatten_optimizer = True
-  config.train.halt_after_steps = -1
-  with pytest.raises(ValueError, match='train.flatten_optimizer: False -> True') as error:
+def test_resuming_with_a_different_optimizer_layout_is_a_clear_error(smoke_copy):
+  config, workdir = smoke_copy
+  config.train.num_steps = 9
+  config.train.flatten_optimizer = False
+  with pytest.raises(ValueError, match='train.flatten_optimizer: True -> False') as error:
     train.train_and_evaluate(config, workdir)
   assert workdir in str(error.value)
   # The workdir still describes its own checkpoints.
-  assert checkpointing.load_config(workdir).train.flatten_optimizer is False
-  config.train.flatten_optimizer = False   # the run's own settings resume it
+  assert checkpointing.load_config(workdir).train.flatten_optimizer is True
+  config.train.flatten_optimizer = True   # the run's own settings resume it
   train.train_and_evaluate(config, workdir)
-  assert _latest_params(workdir)[0] == 3
+  assert _latest_params(workdir)[0] == 9
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   # Warmup starts at lr 0, so step 1 is harmless and saved; lr 1e30 then blows up.
-  config = tiny_config(tmp_path, num_steps=6, checkpoint_every_steps=1,
+  config = tiny_config(num_steps=6, checkpoint_every_steps=1,
                        learning_rate=1e30, warmup_steps=1, log_every=1)
   config.augment.enabled = False
   workdir = str(tmp_path / 'nan')
@@ -152,8 +178,8 @@ def test_sigterm_is_turned_into_a_stop_request():
   assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handler restored
 
 
-def test_load_for_inference_reads_best_or_latest(trained_run):
-  _, workdir, _ = trained_run
+def test_load_for_inference_reads_best_or_latest(smoke_run):
+  _, workdir, _ = smoke_run
   config, variables = checkpointing.load_for_inference(workdir, 'best')
   assert config.model.name == 'ibu' and set(variables) == {'params', 'batch_stats'}
   _, latest = checkpointing.load_for_inference(workdir, 'latest')
