@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.name = 'unet'          # unet | lnu | ibu (see lvseg_jax.models.MODELS)
   model.base_width = 64        # channels of the first block, doubled at each pooling
   model.depth = 4              # number of 2x2 max-poolings
-  model.num_classes = 2        # background, LV cavity
+  model.num_classes = 2        # 2: background, LV cavity; 3: + LV myocardium (data.myocardium)
   model.norm = 'none'          # unet only: none | batch
   model.ibn_mode = 'split'     # ibu only: split (IBN-Net "a") | sequential | blend
   model.ibn_ratio = 0.5        # ibu split: fraction of channels that get instance norm
@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout)
   data.png_dir = 'derived_png_meow2'
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
+  data.myocardium = False      # also the epicardium (o_labels / ocontour): 3 classes, partial labels
   data.split = 'official'      # official | kfold
   data.train_sets = ('training',)  # official sets (training | validation | online | all), unioned
   data.eval_sets = ('validation',)

@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from lvseg_jax import contours as contours_lib
 
@@ -207,3 +208,117 @@ def lv_volumes_per_slice_extrema(areas_mm2: np.ndarray,
   esv = float(np.nanmin(volumes[used], axis=1).sum())
   return LVVolumes(edv, esv, edv - esv, ejection_fraction(edv, esv), None, None, [],
                    'slice_extrema', int(used.sum()))
+
+
+# ---------------------------------------------------------------- myocardium, mass, slice rules
+
+# Myocardial density for LV mass (g/mL), the value CMR analysis uses (Schulz-Menger et al.,
+# "Standardized image interpretation and post-processing in CMR", JCMR 2020).
+MYOCARDIAL_DENSITY_G_PER_ML = 1.05
+
+
+def myocardial_coverage(cavity: np.ndarray, myocardium: np.ndarray) -> float:
+  """Share of the cavity's circumference that borders myocardium, in [0, 1].
+
+  The circumference is the ring of pixels just outside the cavity (its 8-neighbours); the share
+  is the fraction of that ring labelled myocardium. NaN for an empty cavity.
+  """
+  cavity = np.asarray(cavity).astype(bool)
+  if not cavity.any():
+    return float('nan')
+  ring = ndimage.binary_dilation(cavity, structure=np.ones((3, 3), bool)) & ~cavity
+  return float(np.count_nonzero(ring & np.asarray(myocardium).astype(bool))
+               / np.count_nonzero(ring))
+
+
+def base_is_first(cavity_areas_mm2: np.ndarray) -> bool:
+  """Whether slice 0 is the basal end of the stack: the LV cavity tapers towards the apex, so
+  the base is the end nearer the area-weighted centre of the (S, T) cavity areas."""
+  areas = np.nan_to_num(_check_areas(cavity_areas_mm2)).sum(axis=1)
+  if areas.sum() <= 0:
+    return True
+  centre = float(np.dot(np.arange(len(areas)), areas) / areas.sum())
+  return centre <= (len(areas) - 1) / 2
+
+
+@dataclasses.dataclass
+class SliceRules:
+  """Which slices enter the sums (README "Clinical measurements").
+
+  Basal: walking from the base, a slice whose cavity is surrounded by myocardium over less than
+  `min_coverage` of its circumference (or has no cavity) is above the ventricle (left atrium,
+  outflow tract) and is excluded, cavity and myocardium, until the first slice that passes.
+  Apical: walking from the apex, a slice whose cavity is smaller than `min_apical_cavity_mm2`
+  (or empty) contributes no cavity volume, until the first slice that passes; its myocardium
+  still counts towards the mass. Both are applied per phase.
+  """
+  min_coverage: float = 0.5
+  min_apical_cavity_mm2: float = 0.0
+
+
+def slice_exclusions(cavity_areas_mm2: np.ndarray, coverage: np.ndarray | None,
+                     rules: SliceRules, base_first: bool | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+  """Applies `rules` to (S, T) cavity areas and myocardial coverage (None: no myocardium, so
+  no basal rule).
+
+  Returns:
+    (cavity_in, myocardium_in, excluded): (S, T) bool masks of the cells that enter the cavity
+    and myocardium sums, and one {'slice', 'phase', 'part', 'reason'} per exclusion.
+  """
+  areas = _check_areas(cavity_areas_mm2)
+  num_slices, num_phases = areas.shape
+  if base_first is None:
+    base_first = base_is_first(areas)
+  from_base = list(range(num_slices)) if base_first else list(range(num_slices))[::-1]
+  cavity_in = ~np.isnan(areas)
+  myocardium_in = cavity_in.copy()
+  excluded: list[dict[str, Any]] = []
+  for t in range(num_phases):
+    if coverage is not None:
+      for s in from_base:
+        if np.isnan(areas[s, t]):
+          continue
+        share = coverage[s, t]
+        if np.isfinite(share) and share >= rules.min_coverage:
+          break
+        cavity_in[s, t] = myocardium_in[s, t] = False
+        excluded.append({'slice': s, 'phase': t, 'part': 'cavity+myocardium', 'reason': (
+            'basal: no cavity' if not np.isfinite(share) else
+            f'basal: myocardium around {100 * share:.0f}% of the cavity '
+            f'(< {100 * rules.min_coverage:.0f}%)')})
+    for s in from_base[::-1]:
+      if np.isnan(areas[s, t]) or not cavity_in[s, t]:
+        continue
+      if areas[s, t] >= rules.min_apical_cavity_mm2 and areas[s, t] > 0:
+        break
+      cavity_in[s, t] = False
+      excluded.append({'slice': s, 'phase': t, 'part': 'cavity', 'reason': (
+          f'apical: cavity {areas[s, t]:.0f} mm² (< {rules.min_apical_cavity_mm2:g} mm²)')})
+  return cavity_in, myocardium_in, excluded
+
+
+def lv_measurements(cavity_areas_mm2: np.ndarray, spacing_between_slices_mm: float,
+                    rules: SliceRules, myocardium_areas_mm2: np.ndarray | None = None,
+                    coverage: np.ndarray | None = None) -> dict[str, Any]:
+  """EDV/ESV/SV/EF after the slice rules, and with the myocardium, LV mass at ED.
+
+  Returns:
+    {'volumes': LVVolumes dict, 'excluded': [...], 'base_first': bool, and with the
+    myocardium 'myocardial_volume_ml', 'lv_mass_g' (at the ED phase; None if unknown)}.
+  """
+  areas = _check_areas(cavity_areas_mm2)
+  base_first = base_is_first(areas)
+  cavity_in, myocardium_in, excluded = slice_exclusions(areas, coverage, rules, base_first)
+  counted = np.where(cavity_in, areas, np.where(np.isnan(areas), np.nan, 0.0))
+  volumes = lv_volumes(counted, spacing_between_slices_mm)
+  out: dict[str, Any] = {'volumes': volumes.to_dict(), 'excluded': excluded,
+                         'base_first': base_first}
+  if myocardium_areas_mm2 is not None:
+    myo = _check_areas(myocardium_areas_mm2)[:, volumes.ed_phase]
+    spacing = _slice_spacing(spacing_between_slices_mm, len(myo))
+    kept = myocardium_in[:, volumes.ed_phase] & ~np.isnan(myo)
+    volume = float(np.sum(myo[kept] * spacing[kept]) / MM3_PER_ML)
+    out['myocardial_volume_ml'] = volume
+    out['lv_mass_g'] = volume * MYOCARDIAL_DENSITY_G_PER_ML
+  return out

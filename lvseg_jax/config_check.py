@@ -70,8 +70,15 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('train.num_steps', 'must be -1 (use train.num_epochs) or a positive integer')
   if config.train.num_steps == -1 and config.train.num_epochs < 1:
     fail('train.num_epochs', 'must be positive when train.num_steps is -1')
-  if not _is_int(config.model.num_classes) or config.model.num_classes < 2:
-    fail('model.num_classes', 'must be an integer >= 2 (background and LV cavity)')
+  if config.data.myocardium:
+    if config.model.num_classes != 3:
+      fail('model.num_classes', 'must be 3 (background, cavity, myocardium) with '
+           'data.myocardium=True')
+    if config.data.contour != 'i':
+      fail('data.contour', "must be 'i' with data.myocardium=True (the cavity is inside the "
+           'endocardium)')
+  elif config.model.num_classes != 2:
+    fail('model.num_classes', 'must be 2 (background, LV cavity), or 3 with data.myocardium=True')
   if config.data.num_folds < 2:
     fail('data.num_folds', 'must be >= 2')
   if config.data.fold >= config.data.num_folds:

@@ -48,14 +48,26 @@ def predict_dataset(predict_fn: Callable, variables: dict[str, Any],
 def evaluate_dataset(predict_fn: Callable, variables: dict[str, Any],
                      dataset: 'data_lib.Dataset', config: ml_collections.ConfigDict,
                      ) -> tuple[dict[str, Any], list[np.ndarray]]:
-  """Challenge-protocol metrics of a model on a dataset, at the original resolution."""
+  """Challenge-protocol metrics of a model on a dataset, at the original resolution.
+
+  The endocardium is the predicted cavity; with `data.myocardium` the epicardium (the outline
+  of cavity and myocardium) is scored too, on the frames with an expert epicardial contour,
+  under `results['epicardium']`.
+  """
   predictions = predict_dataset(predict_fn, variables, dataset, config.eval.batch_size)
-  records = []
+  endo, epi = [], []
   for frame, pred in zip(dataset.frames, predictions):
-    records.append(dict(case=frame.case, frame_id=frame.frame_id, pred_mask=pred,
-                        expert_mask=frame.mask, pixel_spacing=frame.pixel_spacing,
-                        spacing_source=frame.spacing_source, expert_contour=frame.contour))
-  return results_lib.evaluate(records, good_apd_mm=config.eval.good_apd_mm), predictions
+    common = dict(case=frame.case, frame_id=frame.frame_id, pixel_spacing=frame.pixel_spacing,
+                  spacing_source=frame.spacing_source)
+    endo.append(dict(common, pred_mask=pred == data_lib.CAVITY, expert_mask=frame.mask,
+                     expert_contour=frame.contour))
+    if config.data.myocardium and frame.epi_mask is not None:
+      epi.append(dict(common, pred_mask=np.isin(pred, (data_lib.CAVITY, data_lib.MYOCARDIUM)),
+                      expert_mask=frame.epi_mask, expert_contour=frame.epi_contour))
+  results = results_lib.evaluate(endo, good_apd_mm=config.eval.good_apd_mm)
+  if epi:
+    results['epicardium'] = results_lib.evaluate(epi, good_apd_mm=config.eval.good_apd_mm)
+  return results, predictions
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
@@ -67,17 +79,24 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
   """
   over_cases = results['per_set']['mean_std_over_cases']
   per_image = results['per_set']['per_image']
-  return {'dice': float(per_image['dice_all']['mean']),
+  head = {'dice': float(per_image['dice_all']['mean']),
           'dice_good': float(over_cases['dice_good']['mean']),
           'apd_mm': float(over_cases['apd_good_mm']['mean']),
           'good_pct': float(over_cases['good_pct']['mean'])}
+  if 'epicardium' in results:   # the same numbers for the epicardium, prefixed
+    head.update({f'epi_{k}': v for k, v in headline(results['epicardium']).items()})
+  return head
 
 
 def summary_line(results: dict[str, Any]) -> str:
   h = headline(results)
-  return (f"Dice {h['dice']:.4f} (per image, all frames); over cases: good contours "
+  line = (f"Dice {h['dice']:.4f} (per image, all frames); over cases: good contours "
           f"{h['good_pct']:.1f}%, APD {h['apd_mm']:.2f} mm and Dice {h['dice_good']:.4f} "
           f"over good contours")
+  if 'epi_dice' in h:
+    line += (f"; epicardium: Dice {h['epi_dice']:.4f}, good {h['epi_good_pct']:.1f}%, "
+             f"APD {h['epi_apd_mm']:.2f} mm")
+  return line
 
 
 def eval_name(config: ml_collections.ConfigDict) -> str:

@@ -131,8 +131,8 @@ def mask_to_contour(mask: np.ndarray) -> np.ndarray:
 
   Marching squares at level 0.5 (skimage.measure.find_contours on the zero-padded component):
   the contour runs midway between inside and outside pixel centres. Expert masks are rasterized
-  with pixel centres inside the expert polygon, so this contour lies within about half a pixel of
-  the polygon that produced the mask, with no systematic inward or outward bias. Holes are
+  with every pixel the expert polygon touches (`contours.polygon_to_mask`), so this contour
+  runs on average 0.55 px outside that polygon (the APD floor in docs/RESULTS.md). Holes are
   ignored (outer boundary only), like the expert's simple closed polygon. Foreground is
   4-connected, which is what find_contours(fully_connected='low') traces.
 
@@ -143,17 +143,46 @@ def mask_to_contour(mask: np.ndarray) -> np.ndarray:
     (P, 2) float64 (x, y) pixel coordinates without a repeated closing point; (0, 2) if empty.
   """
   comp = largest_component(mask)
+  return _outer_level_contour(comp.astype(np.float64), comp)
+
+
+def probability_contour(probability: np.ndarray, mask: np.ndarray | None = None,
+                        level: float = 0.5) -> np.ndarray:
+  """Sub-pixel contour: the `level` isoline of a probability map around one component.
+
+  Marching squares interpolates where the probability crosses `level` between pixel centres,
+  so the outline is not tied to the pixel grid. The isoline is taken around the largest
+  component of `mask` (default: probability >= level), within one pixel of it, so other
+  blobs are ignored as in `mask_to_contour`.
+
+  Args:
+    probability: (H, W) float in [0, 1].
+    mask: (H, W) the segmented region (e.g. after post-processing), or None.
+    level: the isoline.
+
+  Returns:
+    (P, 2) float64 (x, y) pixel coordinates; (0, 2) if the region is empty.
+  """
+  probability = np.asarray(probability, np.float64)
+  comp = largest_component(probability >= level if mask is None else mask)
+  near = ndimage.binary_dilation(comp, structure=np.ones((3, 3), bool))
+  return _outer_level_contour(np.where(near, probability, 0.0), comp, level)
+
+
+def _outer_level_contour(field: np.ndarray, comp: np.ndarray, level: float = 0.5
+                         ) -> np.ndarray:
+  """Outer `level` isoline of `field` around the bool component `comp`, as (x, y)."""
   if not comp.any():
     return np.zeros((0, 2))
   rows, cols = ndimage.find_objects(comp.astype(np.int8))[0]
-  # Crop for speed, pad so the contour closes even at the image border.
-  crop = np.pad(comp[rows, cols].astype(np.float64), 1)
-  outlines = measure.find_contours(crop, 0.5, fully_connected='low')
+  # Crop (one pixel of margin) for speed, pad so the contour closes even at the image border.
+  r0, c0 = max(rows.start - 1, 0), max(cols.start - 1, 0)
+  crop = np.pad(field[r0:rows.stop + 1, c0:cols.stop + 1], 1)
+  outlines = measure.find_contours(crop, level, fully_connected='low')
   outer = max(outlines, key=lambda c: abs(contours_lib.signed_area(c)))
   if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
     outer = outer[:-1]
-  offset = np.array([rows.start - 1, cols.start - 1], dtype=np.float64)
-  return (outer + offset)[:, ::-1].copy()
+  return (outer + np.array([r0 - 1, c0 - 1], dtype=np.float64))[:, ::-1].copy()
 
 
 # ----------------------------------------------------------------------------------------------

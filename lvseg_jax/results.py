@@ -222,6 +222,10 @@ def write_results(results: dict[str, Any], workdir: str, name: str) -> dict[str,
   md_path = os.path.join(workdir, f'{name}.md')
   with open(json_path, 'w') as f:
     json.dump(clean, f, indent=2, allow_nan=False)
+  markdown = results_markdown(clean, name)
+  if 'epicardium' in clean:
+    markdown = (results_markdown(clean, f'{name}: endocardium') + '\n'
+                + results_markdown(clean['epicardium'], f'{name}: epicardium'))
   with open(md_path, 'w') as f:
-    f.write(results_markdown(clean, name))
+    f.write(markdown)
   return {'json': json_path, 'markdown': md_path}

@@ -18,7 +18,8 @@ from lvseg_jax.data.dataset import (CACHE_VERSION, Dataset, build_dataset, cache
                                     write_split)
 from lvseg_jax.data.png import (load_png_folder, parse_png_name, read_png, read_spacing_table,
                                 spacing_table_path, write_spacing_table)
-from lvseg_jax.data.preprocess import (RESIZE_MODES, Geometry, get_resize_mode,
+from lvseg_jax.data.preprocess import (BACKGROUND, BACKGROUND_OR_MYOCARDIUM, CAVITY, MYOCARDIUM,
+                                       RESIZE_MODES, Geometry, class_map, get_resize_mode,
                                        normalize_intensity, preprocess_image, preprocess_mask)
 from lvseg_jax.data.records import (ON_ERROR, DataError, Frame, LoadReport, case_group,
                                     normalize_case_id)

@@ -19,12 +19,12 @@ from lvseg_jax.data import splits
 from lvseg_jax.data.records import Frame, LoadReport, normalize_case_id, root_dir
 
 # Bump when the cached arrays or Frame fields change meaning, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # config.data fields that change what is loaded or how it is preprocessed (the cache key).
 _CACHE_CONFIG_KEYS = ('source', 'png_dir', 'contour', 'image_size', 'resize_mode',
                       'clip_percentiles', 'nominal_spacing_mm', 'spacing_table', 'on_error',
-                      'dicom_glob', 'contours_dir', 'patient_sheet')
-_ARRAY_FIELDS = ('image', 'mask', 'contour')
+                      'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium')
+_ARRAY_FIELDS = ('image', 'mask', 'contour', 'epi_mask', 'epi_contour')
 _TUPLE_FIELDS = ('pixel_spacing', 'image_position', 'image_orientation')
 
 
@@ -33,7 +33,8 @@ class Dataset:
 
   Attributes:
     images: (N, S, S, 1) float32, normalized.
-    masks: (N, S, S) int32 class maps (zeros where `has_mask` is False).
+    masks: (N, S, S) int32 class maps (`preprocess.class_map`; zeros where `has_mask` is
+      False).
     has_mask: (N,) bool, whether the frame has an expert mask.
     frames: the original `Frame`s (original resolution, spacing, DICOM geometry).
     geometries: per-frame `preprocess.Geometry` (network grid <-> original grid).
@@ -166,7 +167,9 @@ def build_dataset(frames: Sequence[Frame], data_config: Any, name: str = '',
   for i, frame in enumerate(frames):
     images[i], geometry = preprocess.preprocess_image(frame.image, data_config)
     if frame.mask is not None:
-      masks[i] = preprocess.preprocess_mask(frame.mask, geometry)
+      masks[i] = preprocess.preprocess_mask(
+          preprocess.class_map(frame.mask, frame.epi_mask, bool(data_config.myocardium)),
+          geometry)
     geometries.append(geometry)
   return Dataset(images, masks, frames, geometries, name=name, skipped=skipped)
 
@@ -212,13 +215,26 @@ def _frame_meta(frame: Frame) -> dict[str, Any]:
   return meta
 
 
+def _pack_masks(frames: Sequence[Frame], field: str) -> tuple[np.ndarray, np.ndarray]:
+  """The frames' `field` masks ({0, 1}, zeros where None) bit-packed, and which exist."""
+  masks = [getattr(f, field) for f in frames]
+  bits = np.concatenate([(m if m is not None else np.zeros(f.shape, np.uint8)).ravel()
+                         .astype(bool) for f, m in zip(frames, masks)]) if frames else []
+  return np.packbits(np.asarray(bits, bool)), np.array([m is not None for m in masks], bool)
+
+
+def _pack_contours(frames: Sequence[Frame], field: str) -> tuple[np.ndarray, np.ndarray]:
+  """The frames' `field` polygons concatenated, and each frame's point count (0 for None)."""
+  polygons = [getattr(f, field) for f in frames]
+  counts = np.array([0 if p is None else len(p) for p in polygons], np.int64)
+  kept = [p for p in polygons if p is not None]
+  return (np.concatenate(kept) if kept else np.zeros((0, 2))).astype(np.float64), counts
+
+
 def save_cache(path: str, dataset: Dataset) -> None:
   """Writes a dataset (preprocessed and original arrays, frame records) as one .npz."""
   frames = dataset.frames
   shapes = np.array([f.shape for f in frames], np.int64).reshape(-1, 2)
-  contour_counts = np.array([0 if f.contour is None else len(f.contour) for f in frames],
-                            np.int64)
-  contours = [f.contour for f in frames if f.contour is not None]
   meta = {'frames': [_frame_meta(f) for f in frames], 'name': dataset.name,
           'skipped': [list(s) for s in dataset.skipped], 'version': CACHE_VERSION}
   arrays = {
@@ -229,14 +245,14 @@ def save_cache(path: str, dataset: Dataset) -> None:
       'mask_max': np.array(int(dataset.masks.max()) if dataset.masks.size else 0),
       'has_mask': dataset.has_mask,
       'orig_images': _compact([f.image for f in frames]),
-      'orig_masks': np.packbits(np.concatenate(
-          [(f.mask if f.mask is not None else np.zeros(f.shape, np.uint8)).ravel().astype(bool)
-           for f in frames]) if frames else np.zeros(0, bool)),
       'orig_shapes': shapes,
-      'contours': (np.concatenate(contours) if contours else np.zeros((0, 2))).astype(np.float64),
-      'contour_counts': contour_counts,
       'meta': np.array(json.dumps(meta)),
   }
+  for prefix in ('', 'epi_'):
+    arrays[f'orig_{prefix}masks'], arrays[f'has_orig_{prefix}mask'] = _pack_masks(
+        frames, f'{prefix}mask')
+    arrays[f'{prefix}contours'], arrays[f'{prefix}contour_counts'] = _pack_contours(
+        frames, f'{prefix}contour')
   if arrays['mask_max'] > 1:
     arrays['masks'] = dataset.masks.astype(np.int32)
   folder = os.path.dirname(os.path.abspath(path))
@@ -270,23 +286,25 @@ def load_cache(path: str, data_config: Any) -> Dataset:
     shapes = z['orig_shapes']
     orig_images = z['orig_images']
     sizes = shapes[:, 0] * shapes[:, 1]
-    orig_masks = np.unpackbits(z['orig_masks'], count=int(sizes.sum()))
-    contours, contour_counts = z['contours'], z['contour_counts']
+    originals = {prefix: (np.unpackbits(z[f'orig_{prefix}masks'], count=int(sizes.sum())),
+                          z[f'has_orig_{prefix}mask'], z[f'{prefix}contours'],
+                          np.concatenate([[0], np.cumsum(z[f'{prefix}contour_counts'])]))
+                 for prefix in ('', 'epi_')}
   frames, geometries = [], []
   size, mode = int(data_config.image_size), data_config.resize_mode
   pixel_start = np.concatenate([[0], np.cumsum(sizes)])
-  contour_start = np.concatenate([[0], np.cumsum(contour_counts)])
   for i, record in enumerate(meta['frames']):
     shape = (int(shapes[i, 0]), int(shapes[i, 1]))
     pixels = slice(pixel_start[i], pixel_start[i + 1])
     for name in _TUPLE_FIELDS:
       if record.get(name) is not None:
         record[name] = tuple(record[name])
-    frames.append(Frame(
-        image=orig_images[pixels].reshape(shape).astype(np.float32),
-        mask=orig_masks[pixels].reshape(shape).astype(np.uint8) if has_mask[i] else None,
-        contour=(contours[contour_start[i]:contour_start[i + 1]].copy()
-                 if contour_counts[i] else None), **record))
+    for prefix, (bits, has, polygons, start) in originals.items():
+      record[f'{prefix}mask'] = (bits[pixels].reshape(shape).astype(np.uint8) if has[i]
+                                 else None)
+      record[f'{prefix}contour'] = (polygons[start[i]:start[i + 1]].copy()
+                                    if start[i + 1] > start[i] else None)
+    frames.append(Frame(image=orig_images[pixels].reshape(shape).astype(np.float32), **record))
     geometries.append(preprocess.Geometry.create(shape, size, mode))
   return Dataset(images, masks, frames, geometries, has_mask=has_mask, name=meta['name'],
                  skipped=[tuple(s) for s in meta['skipped']])

@@ -106,7 +106,8 @@ def write_spacing_table(path: str, spacing: dict[str, tuple[float, float]]) -> N
 def load_png_folder(folder: str, *, contour: str = 'i', cases: set[str] | None = None,
                     spacing_table: dict[str, tuple[float, float]] | None = None,
                     nominal_spacing_mm: float, contoured_only: bool = True,
-                    on_error: str = 'raise', report: LoadReport | None = None) -> list[Frame]:
+                    epicardium: bool = False, on_error: str = 'raise',
+                    report: LoadReport | None = None) -> list[Frame]:
   """Loads `folder/images/*.png` with masks from `folder/<contour>_labels/` (same file names).
 
   Args:
@@ -116,6 +117,7 @@ def load_png_folder(folder: str, *, contour: str = 'i', cases: set[str] | None =
     spacing_table: case -> (row, col) mm. Cases not in it get `nominal_spacing_mm` (warned).
     nominal_spacing_mm: fallback spacing, recorded as spacing_source='nominal'.
     contoured_only: drop images without a mask (counted in the log), else keep with mask=None.
+    epicardium: also read `o_labels/` into `Frame.epi_mask` (None where there is no file).
     on_error: 'raise' or 'skip' (ignored when `report` is given).
     report: collects skipped items.
 
@@ -140,6 +142,15 @@ def load_png_folder(folder: str, *, contour: str = 'i', cases: set[str] | None =
     label_names = set()
   else:
     label_names = {n for n in os.listdir(label_dir) if not n.startswith('.')}
+  epi_dir = os.path.join(folder, 'o_labels')
+  epi_names = set()
+  if epicardium:
+    if not os.path.isdir(epi_dir):
+      raise DataError(epi_dir, 'epicardium mask folder does not exist (config.data.myocardium '
+                      'needs o_labels/)')
+    epi_names = {n for n in os.listdir(epi_dir) if not n.startswith('.')}
+    for name in sorted(epi_names - set(pngs)):
+      report.problem(os.path.join(epi_dir, name), f'mask has no matching image in {image_dir}')
   for name in sorted(label_names - set(pngs)):
     report.problem(os.path.join(label_dir, name), f'mask has no matching image in {image_dir}')
 
@@ -162,6 +173,8 @@ def load_png_folder(folder: str, *, contour: str = 'i', cases: set[str] | None =
     try:
       image = read_png(path)
       mask = (_read_png_mask(os.path.join(label_dir, name), image.shape) if has_label else None)
+      epi_mask = (_read_png_mask(os.path.join(epi_dir, name), image.shape)
+                  if name in epi_names else None)
     except DataError as e:
       report.problem(e.path, e.problem)
       continue
@@ -173,7 +186,7 @@ def load_png_folder(folder: str, *, contour: str = 'i', cases: set[str] | None =
     frames.append(Frame(
         case=case, frame_id=frame_id, instance=instance, image=image.astype(np.float32),
         mask=mask, contour=None, pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        spacing_source=source, source_path=path))
+        spacing_source=source, source_path=path, epi_mask=epi_mask))
   if unlabelled:
     logging.info('%s: %d image(s) without a %s_labels mask not used (contoured_only)', folder,
                  unlabelled, contour)
@@ -207,14 +220,16 @@ def load_source(data_config: Any, cases: set[str] | None, contoured_only: bool,
       _png_folder(data_config), contour=data_config.contour, cases=cases,
       spacing_table=read_spacing_table(table_path) if table_path else None,
       nominal_spacing_mm=float(data_config.nominal_spacing_mm),
-      contoured_only=contoured_only, report=report)
+      contoured_only=contoured_only, epicardium=bool(data_config.myocardium), report=report)
 
 
 def source_files(data_config: Any) -> list[str]:
   """Every file the `png` source may read (the cache key)."""
   folder = _png_folder(data_config)
   files = []
-  for sub in ('images', f'{data_config.contour}_labels'):
+  subs = ['images', f'{data_config.contour}_labels'] + (['o_labels'] if data_config.myocardium
+                                                        else [])
+  for sub in subs:
     files.extend(walk_files(os.path.join(folder, sub)))
   table = spacing_table_path(data_config)
   return files + ([table] if table else [])

@@ -177,6 +177,26 @@ def preprocess_image(image: np.ndarray, data_config: Any) -> tuple[np.ndarray, G
   return out[..., None].astype(np.float32), geometry
 
 
+# Class maps: 0 background, 1 LV cavity, 2 LV myocardium. A frame without an epicardial contour
+# labels its non-cavity pixels BACKGROUND_OR_MYOCARDIUM: the loss then only asks "not cavity".
+BACKGROUND, CAVITY, MYOCARDIUM, BACKGROUND_OR_MYOCARDIUM = 0, 1, 2, 3
+
+
+def class_map(mask: np.ndarray, epi_mask: np.ndarray | None, myocardium: bool) -> np.ndarray:
+  """(H, W) int32 training labels of a frame from its endocardial and epicardial masks.
+
+  Without `myocardium`: {0, 1}, the cavity. With it: {0, 1, 2} where the epicardium is known
+  (myocardium = inside the epicardium, outside the cavity), else {1, 3}.
+  """
+  cavity = np.asarray(mask).astype(bool)
+  if not myocardium:
+    return cavity.astype(np.int32)
+  if epi_mask is None:
+    return np.where(cavity, CAVITY, BACKGROUND_OR_MYOCARDIUM).astype(np.int32)
+  epi = np.asarray(epi_mask).astype(bool)
+  return np.where(cavity, CAVITY, np.where(epi, MYOCARDIUM, BACKGROUND)).astype(np.int32)
+
+
 def preprocess_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
   """(H, W) class map -> (S, S) int32 on the network grid."""
   return geometry.apply(np.asarray(mask).astype(np.int32), labels=True, fill=0).astype(np.int32)

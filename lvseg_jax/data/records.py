@@ -29,7 +29,8 @@ def walk_files(folder: str) -> list[str]:
 class Frame:
   """One 2D frame at its original resolution, with everything known about it.
 
-  `mask` and `contour` are None for frames without an expert contour. For PNG frames the DICOM
+  `mask` and `contour` are None for frames without an expert contour (endocardium; `epi_mask`
+  and `epi_contour` likewise for the epicardium). For PNG frames the DICOM
   geometry fields are None and `pixel_spacing` comes from a table or the nominal spacing
   (`spacing_source` says which).
   """
@@ -53,6 +54,9 @@ class Frame:
   # Added fields (not in the architecture sketch):
   scd_id: str | None = None                   # Cardiac Atlas Project id, e.g. 'SCD0000101'
   slice_position: float | None = None         # ImagePositionPatient along the slice normal (mm)
+  # The epicardium (loaded with config.data.myocardium; None where the expert drew none):
+  epi_mask: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (H, W) {0, 1}
+  epi_contour: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (P, 2) (x, y)
 
   @property
   def shape(self) -> tuple[int, int]:

@@ -157,7 +157,8 @@ def _assign_slices_and_phases(frames: list[Frame]) -> None:
 
 def load_dicom_series(folder: str, contour_dir: str | None = None, *, case: str | None = None,
                       contour: str = 'i', nominal_spacing_mm: float | None = None,
-                      on_error: str = 'raise', report: LoadReport | None = None) -> list[Frame]:
+                      epicardium: bool = False, on_error: str = 'raise',
+                      report: LoadReport | None = None) -> list[Frame]:
   """Loads one cine series (a folder of single-frame DICOMs), with expert contours if given.
 
   Works on a plain DICOM folder (prediction on new scans): every frame is returned, contoured
@@ -170,6 +171,7 @@ def load_dicom_series(folder: str, contour_dir: str | None = None, *, case: str 
     contour: contour kind that becomes `Frame.contour` / `Frame.mask` ('i', 'o', 'p1', 'p2').
     nominal_spacing_mm: used (with a warning) for files without PixelSpacing; None: such
       files are bad input.
+    epicardium: also attach the `o` contours as `Frame.epi_contour` / `Frame.epi_mask`.
     on_error: 'raise' or 'skip' (ignored when `report` is given).
     report: collects skipped items across several series.
 
@@ -239,6 +241,8 @@ def load_dicom_series(folder: str, contour_dir: str | None = None, *, case: str 
 
   if contour_dir is not None:
     attach_contours(frames, contour_dir, contour, report)
+    if epicardium:
+      attach_contours(frames, contour_dir, 'o', report, epicardium=True)
   frames.sort(key=lambda f: (f.slice_index if f.slice_index is not None else math.inf,
                              f.phase_index if f.phase_index is not None else 0, f.instance))
   return frames
@@ -251,8 +255,9 @@ def _contour_problem(report: LoadReport, path: str, error: Exception) -> None:
 
 
 def attach_contours(frames: list[Frame], contour_dir: str, kind: str, report: LoadReport,
-                    every_contour_has_a_frame: bool = True) -> int:
-  """Sets `contour` and `mask` of the frames whose InstanceNumber has a contour file of `kind`.
+                    every_contour_has_a_frame: bool = True, epicardium: bool = False) -> int:
+  """Sets `contour` and `mask` of the frames whose InstanceNumber has a contour file of `kind`
+  (`epi_contour` and `epi_mask` with `epicardium`).
 
   A contour file without a frame is bad input (a training case), or, with
   `every_contour_has_a_frame=False`, only logged (an expert folder beside a partial series).
@@ -283,8 +288,11 @@ def attach_contours(frames: list[Frame], contour_dir: str, kind: str, report: Lo
     except contours_lib.ContourError as e:
       _contour_problem(report, path, e)
       continue
-    frame.contour = points
-    frame.mask = contours_lib.polygon_to_mask(points, frame.shape)
+    mask = contours_lib.polygon_to_mask(points, frame.shape)
+    if epicardium:
+      frame.epi_contour, frame.epi_mask = points, mask
+    else:
+      frame.contour, frame.mask = points, mask
     attached += 1
   return attached
 
@@ -394,7 +402,8 @@ def load_source(data_config: Any, cases: set[str] | None, contoured_only: bool,
       continue
     series_frames = load_dicom_series(
         series, contour_dir, case=case, contour=kind,
-        nominal_spacing_mm=float(data_config.nominal_spacing_mm), report=report)
+        nominal_spacing_mm=float(data_config.nominal_spacing_mm),
+        epicardium=bool(data_config.myocardium), report=report)
     for frame in series_frames:
       frame.scd_id = scd_id
     if contoured_only:
