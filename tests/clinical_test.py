@@ -12,6 +12,7 @@ import pytest
 
 from lvseg_jax import clinical
 from lvseg_jax import data
+from lvseg_jax import metrics
 from lvseg_jax import predict
 
 # ------------------------------------------------------------------------------ areas
@@ -227,3 +228,75 @@ def test_slice_spacing_is_the_dicom_tag(expert_series):
     spacing, source, notes = predict.slice_spacing(frames)
     assert spacing == pytest.approx(float(header.SpacingBetweenSlices)), case
     assert source == 'dicom' and not notes, case
+
+
+# ------------------------------------------------------------------------------ myocardium
+
+
+def _disc(shape, cx, cy, r):
+  yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+  return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def test_myocardial_coverage_of_a_full_and_a_half_ring():
+  cavity = _disc((64, 64), 31.5, 30.5, 10)
+  ring = _disc((64, 64), 31.5, 30.5, 16) & ~cavity
+  assert clinical.myocardial_coverage(cavity, ring) == 1.0
+  assert clinical.myocardial_coverage(cavity, np.zeros_like(ring)) == 0.0
+  # Right half (x > 31.5): by the mirror symmetry about x = 31.5, exactly half the outer ring.
+  half = ring & (np.arange(64)[None, :] > 31.5)
+  assert clinical.myocardial_coverage(cavity, half) == 0.5
+  assert math.isnan(clinical.myocardial_coverage(np.zeros_like(ring), ring))
+
+
+def test_lv_mass_of_a_synthetic_ring_stack():
+  """Six slices of a ring, cavity radius 12 px and epicardium radius 18 px, pixel spacing
+  1.25 mm, 8 mm apart, identical in two phases: mass = 1.05 g/mL x 6 x 8 mm x pi (18^2 - 12^2)
+  px x 1.25^2 mm^2/px, areas from the sub-pixel outlines of the anti-aliased discs."""
+  from metrics_test import _antialiased_disc   # pylint: disable=g-import-not-at-top
+  spacing_px, between = 1.25, 8.0
+  inner = _antialiased_disc((64, 64), 31.3, 32.6, 12.0)
+  outer = _antialiased_disc((64, 64), 31.3, 32.6, 18.0)
+  cavity_area = clinical.polygon_area_mm2(metrics.probability_contour(inner), spacing_px)
+  epi_area = clinical.polygon_area_mm2(metrics.probability_contour(outer), spacing_px)
+  cavity = np.full((6, 2), cavity_area)
+  myocardium = np.full((6, 2), epi_area - cavity_area)
+  coverage = np.ones((6, 2))
+  out = clinical.lv_measurements(cavity, between, clinical.SliceRules(), myocardium, coverage)
+  want = 1.05 * 6 * between * math.pi * (18**2 - 12**2) * spacing_px**2 / 1000
+  # Each outline's equivalent radius is within 0.04 px (metrics_test), so the ring area is
+  # within 2 pi (18 + 12) 0.04 px^2 = 7.5 px^2 of pi (18^2 - 12^2) = 565 px^2: 1.3%.
+  assert out['lv_mass_g'] == pytest.approx(want, rel=0.013)
+  assert out['myocardial_volume_ml'] * 1.05 == pytest.approx(out['lv_mass_g'], rel=1e-12)
+  assert out['excluded'] == [] and out['volumes']['num_slices'] == 6
+
+
+def test_basal_and_apical_slice_rules_on_a_synthetic_stack():
+  """Five slices, base first, two phases (ED 0, ES 1). The basal slice is ringed by myocardium
+  over 30% of its cavity at ES only (the base descends in systole), the apical slice's cavity is
+  15 mm^2 at ES only."""
+  cavity = np.array([[900.0, 700.0], [1000.0, 700.0], [800.0, 500.0], [500.0, 300.0],
+                     [200.0, 15.0]])
+  myocardium = np.full((5, 2), 600.0)
+  coverage = np.ones((5, 2))
+  coverage[0, 1] = 0.3
+  rules = clinical.SliceRules(min_coverage=0.5, min_apical_cavity_mm2=20.0)
+  out = clinical.lv_measurements(cavity, 10.0, rules, myocardium, coverage)
+  assert out['base_first'] is True
+  assert [(e['slice'], e['phase'], e['part']) for e in out['excluded']] == [
+      (0, 1, 'cavity+myocardium'), (4, 1, 'cavity')]
+  assert 'basal: myocardium around 30% of the cavity (< 50%)' == out['excluded'][0]['reason']
+  assert 'apical: cavity 15 mm² (< 20 mm²)' == out['excluded'][1]['reason']
+  volumes = out['volumes']
+  assert (volumes['ed_phase'], volumes['es_phase']) == (0, 1)
+  assert volumes['edv_ml'] == pytest.approx((900 + 1000 + 800 + 500 + 200) * 10 / 1000)
+  assert volumes['esv_ml'] == pytest.approx((700 + 500 + 300) * 10 / 1000)
+  assert out['lv_mass_g'] == pytest.approx(1.05 * 5 * 600 * 10 / 1000)   # ED keeps every slice
+  # The same stack apex first: the base is found at the other end and the same cells excluded.
+  flipped = clinical.lv_measurements(cavity[::-1], 10.0, rules, myocardium, coverage[::-1])
+  assert flipped['base_first'] is False
+  assert [(e['slice'], e['phase']) for e in flipped['excluded']] == [(4, 1), (0, 1)]
+  assert flipped['volumes']['esv_ml'] == pytest.approx(volumes['esv_ml'])
+  # Without the myocardium there is no basal rule.
+  plain = clinical.lv_measurements(cavity, 10.0, rules)
+  assert [e['slice'] for e in plain['excluded']] == [4] and 'lv_mass_g' not in plain
