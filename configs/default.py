@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.png_dir = 'derived_png_meow2'
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
   data.myocardium = False      # also the epicardium (o_labels / ocontour): 3 classes, partial labels
+  data.mask_outset_px = 0.5    # how far a training mask's outline lies outside the expert polygon:
+                               # SCD masks hold every pixel the polygon touches, 0.5 px beyond an
+                               # edge on average; predicted contours are moved in by it
   data.split = 'official'      # official | kfold
   data.train_sets = ('training',)  # official sets (training | validation | online | all), unioned
   data.eval_sets = ('validation',)
@@ -125,8 +128,13 @@ def get_config() -> ml_collections.ConfigDict:
                                      # per-pixel variance as uncertainty/*.png
   pr.tta_transforms = 'd4'           # d4: 4 rotations x 2 flips (8) | flips (4) | lr (2);
                                      # only for models trained with flip augmentation
-  pr.save_masks = True               # masks/IM-0001-NNNN.png (0/255)
-  pr.save_contours = True            # contours/IM-0001-NNNN-icontour-auto.txt
+  pr.areas = 'contour'               # contour: inside the sub-pixel contour | pixels: pixel count
+  pr.min_myocardial_coverage = 0.5   # basal rule: a basal slice counts while myocardium rings
+                                     # at least this share of its cavity (3-class models)
+  pr.min_apical_cavity_mm2 = 20.0    # apical rule: smaller cavities add no volume (the SCD experts'
+                                     # smallest contoured cavity is 18.7 mm², 526 frames)
+  pr.save_masks = True               # masks/IM-0001-NNNN.png (0; cavity 255; myocardium 128)
+  pr.save_contours = True            # contours/IM-0001-NNNN-[io]contour-auto.txt
   pr.save_overlays = True            # overlays/IM-0001-NNNN.png
   pr.save_nifti = True               # <series>_mask.nii.gz with the DICOM geometry
   pr.nifti_image = True              # also <series>_image.nii.gz (the input intensities)

@@ -92,7 +92,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # Fields the trained weights depend on: the architecture and the preprocessing. Evaluate and
 # predict take them from the workdir; every other field comes from the command line.
-TRAINED_FIELDS = ('model.', 'data.image_size', 'data.resize_mode', 'data.clip_percentiles')
+TRAINED_FIELDS = ('model.', 'data.image_size', 'data.resize_mode', 'data.clip_percentiles',
+                  'data.myocardium', 'data.mask_outset_px')
 
 
 def _trained(key: str) -> bool:

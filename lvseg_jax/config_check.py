@@ -25,8 +25,11 @@ _NON_NEGATIVE_INTS = ('train.num_epochs', 'train.warmup_steps', 'train.num_devic
 _POSITIVE_FLOATS = ('train.learning_rate', 'model.norm_epsilon', 'data.nominal_spacing_mm',
                     'eval.good_apd_mm')
 _NON_NEGATIVE_FLOATS = ('train.weight_decay', 'train.grad_clip_norm', 'train.end_lr_factor',
-                        'train.dice_weight', 'train.ce_weight', 'predict.slice_spacing_mm')
-_FRACTIONS = ('model.bn_momentum', 'model.ibn_ratio', 'augment.elastic_prob')
+                        'train.dice_weight', 'train.ce_weight', 'predict.slice_spacing_mm',
+                        'data.mask_outset_px', 'predict.min_apical_cavity_mm2')
+_FRACTIONS = ('model.bn_momentum', 'model.ibn_ratio', 'augment.elastic_prob',
+              'predict.min_myocardial_coverage')
+AREA_METHODS = ('contour', 'pixels')
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -44,8 +47,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first field whose value is out of range.
 
   Besides single fields: `train.num_steps` is -1 or positive, `data.fold` is below
-  `data.num_folds`, `data.image_size` is divisible by 2**model.depth, and the model has at least
-  two classes.
+  `data.num_folds`, `data.image_size` is divisible by 2**model.depth, `predict.areas` is a known
+  method, and `model.num_classes` matches `data.myocardium` (2 or 3).
   """
   def fail(key: str, rule: str) -> None:
     raise ConfigError(f'config.{key}={_get(config, key)!r}: {rule}.')
@@ -70,6 +73,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('train.num_steps', 'must be -1 (use train.num_epochs) or a positive integer')
   if config.train.num_steps == -1 and config.train.num_epochs < 1:
     fail('train.num_epochs', 'must be positive when train.num_steps is -1')
+  if config.predict.areas not in AREA_METHODS:
+    fail('predict.areas', f'must be one of {list(AREA_METHODS)}')
   if config.data.myocardium:
     if config.model.num_classes != 3:
       fail('model.num_classes', 'must be 3 (background, cavity, myocardium) with '

@@ -62,13 +62,21 @@ def _makedirs_for(path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
-def write_mask_png(path: str, mask: np.ndarray) -> None:
-  """Saves an (H, W) mask as an 8-bit PNG, 0 background and 255 LV (like the SCD label PNGs)."""
+# Label values of the mask PNGs (the SCD label PNGs use 255 for the region).
+PNG_CAVITY, PNG_MYOCARDIUM = 255, 128
+
+
+def write_mask_png(path: str, mask: np.ndarray, myocardium: np.ndarray | None = None) -> None:
+  """Saves an (H, W) LV cavity mask as an 8-bit PNG: 0 background, 255 cavity (like the SCD
+  label PNGs) and, given the myocardium mask, 128 myocardium."""
   mask = np.asarray(mask)
   if mask.ndim != 2:
     raise ValueError(f'mask must be (H, W), got shape {mask.shape}')
+  values = np.where(mask != 0, PNG_CAVITY, 0)
+  if myocardium is not None:
+    values = np.where((np.asarray(myocardium) != 0) & (mask == 0), PNG_MYOCARDIUM, values)
   _makedirs_for(path)
-  Image.fromarray(np.where(mask != 0, 255, 0).astype(np.uint8), mode='L').save(path)
+  Image.fromarray(values.astype(np.uint8), mode='L').save(path)
 
 
 def uncertainty_to_uint8(variance: np.ndarray, vmax: float = MAX_PROBABILITY_VARIANCE
@@ -105,7 +113,8 @@ def _closed(contour: np.ndarray) -> np.ndarray:
 
 
 class OverlayWriter:
-  """Saves images with the predicted contour (red) and the expert contour (green, dashed).
+  """Saves images with the predicted contours (endocardium red, epicardium orange) and the
+  expert's (green and cyan, dashed).
 
   One matplotlib figure per image size is built once and reused (only the pixels, lines and
   title change), and the rendered buffer is saved with Pillow: about 5x faster than a new figure
@@ -125,32 +134,39 @@ class OverlayWriter:
       canvas = FigureCanvasAgg(fig)
       ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
       im = ax.imshow(np.zeros(shape, np.float32), cmap='gray', interpolation='nearest')
-      expert, = ax.plot([], [], color='lime', linewidth=1.0, linestyle='--', label='expert')
-      pred, = ax.plot([], [], color='red', linewidth=1.0, label='predicted')
+      lines = (
+          ax.plot([], [], color='lime', linewidth=1.0, linestyle='--', label='expert')[0],
+          ax.plot([], [], color='red', linewidth=1.0, label='predicted')[0],
+          ax.plot([], [], color='cyan', linewidth=1.0, linestyle='--', label='expert epi')[0],
+          ax.plot([], [], color='orange', linewidth=1.0, label='predicted epi')[0])
       title = ax.text(2, 2, '', color='yellow', fontsize=6, va='top', ha='left')
       ax.set_xlim(-0.5, width - 0.5)
       ax.set_ylim(height - 0.5, -0.5)
       ax.set_axis_off()
-      self._figures[shape] = (canvas, ax, im, pred, expert, title)
+      self._figures[shape] = (canvas, ax, im, lines, title)
     return self._figures[shape]
 
   def write(self, path: str, image: np.ndarray, pred_contour: np.ndarray | None,
-            expert_contour: np.ndarray | None = None, title: str = '') -> None:
+            expert_contour: np.ndarray | None = None, title: str = '', *,
+            pred_epi: np.ndarray | None = None, expert_epi: np.ndarray | None = None) -> None:
     """Renders one overlay PNG (see `render`)."""
-    rgb = self.render(image, pred_contour, expert_contour, title)
+    rgb = self.render(image, pred_contour, expert_contour, title, pred_epi=pred_epi,
+                      expert_epi=expert_epi)
     _makedirs_for(path)
     Image.fromarray(rgb).save(path, compress_level=1)
 
   def render(self, image: np.ndarray, pred_contour: np.ndarray | None,
-             expert_contour: np.ndarray | None = None, title: str = '') -> np.ndarray:
+             expert_contour: np.ndarray | None = None, title: str = '', *,
+             pred_epi: np.ndarray | None = None, expert_epi: np.ndarray | None = None
+             ) -> np.ndarray:
     """The overlay as an (H, W, 3) uint8 array; contours of fewer than 3 points are not drawn."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
       raise ValueError(f'image must be (H, W), got shape {image.shape}')
-    canvas, ax, im, pred, expert, text = self._figure(image.shape)
+    canvas, ax, im, lines, text = self._figure(image.shape)
     im.set_data(image)
     im.set_clim(*_display_range(image))
-    for line, contour in ((pred, pred_contour), (expert, expert_contour)):
+    for line, contour in zip(lines, (expert_contour, pred_contour, expert_epi, pred_epi)):
       if contour is not None and len(contour) >= 3:
         c = _closed(np.asarray(contour, dtype=np.float64))
         line.set_data(c[:, 0], c[:, 1])
@@ -159,7 +175,7 @@ class OverlayWriter:
         line.set_data([], [])
         line.set_visible(False)
     # The legend lists only the contours drawn on this frame (ax.legend replaces the old one).
-    shown = [line for line in (expert, pred) if line.get_visible()]
+    shown = [line for line in lines if line.get_visible()]
     legend = ax.legend(handles=shown, loc='lower right', fontsize=5, framealpha=0.5)
     legend.set_visible(bool(shown))
     text.set_text(title)
@@ -167,12 +183,15 @@ class OverlayWriter:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def expert_outline(frame) -> np.ndarray | None:
-  """The expert contour of a frame: its polygon, else the outline of its mask (PNG data)."""
-  if frame.contour is not None:
-    return frame.contour
-  if frame.mask is not None and frame.mask.any():
-    return metrics.mask_to_contour(frame.mask)
+def expert_outline(frame, epicardium: bool = False) -> np.ndarray | None:
+  """The expert contour of a frame (endocardium, or the epicardium): its polygon, else the
+  outline of its mask (PNG data)."""
+  contour, mask = ((frame.epi_contour, frame.epi_mask) if epicardium
+                   else (frame.contour, frame.mask))
+  if contour is not None:
+    return contour
+  if mask is not None and mask.any():
+    return metrics.mask_to_contour(mask)
   return None
 
 

@@ -11,6 +11,7 @@ from typing import Sequence
 from matplotlib.figure import Figure
 import numpy as np
 
+from lvseg_jax import data as data_lib
 from lvseg_jax import export
 from lvseg_jax import metrics
 
@@ -49,7 +50,8 @@ def training_curves(metrics_jsonl: str, out_png: str) -> None:
 
 def overlay_grid(frames: Sequence, predictions: Sequence[np.ndarray], out_png: str,
                  max_items: int = 12, columns: int = 4) -> None:
-  """A grid of frames with the expert (green, dashed) and predicted (red) contours.
+  """A grid of frames with the expert (dashed) and predicted contours of the label maps:
+  endocardium green / red, and with a myocardium class, epicardium cyan / orange.
 
   Frames are spread evenly over the set so several cases appear. Each panel is drawn by
   `export.OverlayWriter`, the renderer of the per-frame overlays of `--mode=predict`.
@@ -65,11 +67,17 @@ def overlay_grid(frames: Sequence, predictions: Sequence[np.ndarray], out_png: s
   for ax in axes.ravel():
     ax.axis('off')
   for ax, i in zip(axes.ravel(), picks):
-    frame = frames[i]
-    ax.imshow(writer.render(frame.image, metrics.mask_to_contour(predictions[i]),
-                            export.expert_outline(frame)))
+    frame, labels = frames[i], np.asarray(predictions[i])
+    three_classes = bool(np.any(labels == data_lib.MYOCARDIUM)) or frame.epi_mask is not None
+    ax.imshow(writer.render(
+        frame.image, metrics.mask_to_contour(labels == data_lib.CAVITY),
+        export.expert_outline(frame),
+        pred_epi=(metrics.mask_to_contour(np.isin(labels, (data_lib.CAVITY, data_lib.MYOCARDIUM)))
+                  if three_classes else None),
+        expert_epi=export.expert_outline(frame, epicardium=True)))
     ax.set_title(f'{frame.case} {frame.frame_id}', fontsize=8)
-  fig.suptitle('expert (green, dashed) vs predicted (red)', fontsize=10)
+  fig.suptitle('expert (dashed) vs predicted: endocardium green / red, epicardium cyan / orange',
+               fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   fig.savefig(out_png, dpi=100)

@@ -238,3 +238,14 @@ def test_contour_file_names(tmp_path):
   _write(tmp_path / 'IM-0002-0048-icontour-manual.txt', '1 1\n2 2\n3 1\n')
   with pytest.raises(contours.ContourError, match='a second icontour for frame 0048'):
     contours.find_contour_files(str(tmp_path), 'i')
+
+
+@pytest.mark.parametrize('clockwise', [False, True])
+def test_offset_inward_shrinks_a_circle_by_the_distance(clockwise):
+  t = np.linspace(0, 2 * np.pi, 400, endpoint=False) * (-1 if clockwise else 1)
+  circle = np.stack([30 + 12 * np.cos(t), 25 + 12 * np.sin(t)], axis=1)
+  inset = contours.offset_inward(circle, 0.5)
+  # Each chord through a point's neighbours is perpendicular to its radius, so the normal is
+  # exactly radial: every point lands on the circle of radius 11.5.
+  np.testing.assert_allclose(np.hypot(inset[:, 0] - 30, inset[:, 1] - 25), 11.5, atol=1e-9)
+  np.testing.assert_array_equal(contours.offset_inward(circle[:2], 0.5), circle[:2])

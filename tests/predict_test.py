@@ -321,7 +321,14 @@ def test_prediction_run_writes_every_output(prediction_run):
   assert unc.shape == (18, 256, 256) and unc.max() > 0
 
 
-def test_prediction_areas_and_volumes_follow_the_masks(prediction_run):
+def _polygon_area_px(points):
+  x, y = points[:, 0], points[:, 1]
+  return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def test_prediction_areas_and_volumes_follow_the_contours(prediction_run):
+  """Areas are the shoelace areas of the written sub-pixel contours (predict.areas='contour');
+  volumes sum them x SpacingBetweenSlices over the cells the slice rules keep."""
   output, summaries, dicom_dir = prediction_run
   summary = summaries[0]
   folder = os.path.join(output, summary['series'])
@@ -333,9 +340,22 @@ def test_prediction_areas_and_volumes_follow_the_masks(prediction_run):
   for r in rows:
     mask = np.asarray(Image.open(os.path.join(folder, 'masks', f"{r['frame_id']}.png")))
     assert set(np.unique(mask)) <= {0, 255}
-    area = np.count_nonzero(mask) * row_mm * col_mm
-    assert float(r['area_mm2']) == pytest.approx(area, rel=1e-4)
-    totals[int(r['phase_index'])] = totals.get(int(r['phase_index']), 0.0) + area * between / 1e3
+    path = os.path.join(folder, 'contours', f"{r['frame_id']}-icontour-auto.txt")
+    assert os.path.exists(path) == (r['detected'] == '1')
+    area = 0.0
+    if os.path.exists(path):
+      points = np.loadtxt(path)
+      # The file holds 2 decimals: each point moves <= 0.005 * sqrt(2) px, the area by at most
+      # that times the perimeter.
+      perimeter = np.linalg.norm(np.diff(np.vstack([points, points[:1]]), axis=0), axis=1).sum()
+      area = _polygon_area_px(points) * row_mm * col_mm
+      assert float(r['area_mm2']) == pytest.approx(
+          area, abs=0.0071 * perimeter * row_mm * col_mm + 1e-4)
+    if not r['excluded']:
+      t = int(r['phase_index'])
+      totals[t] = totals.get(t, 0.0) + float(r['area_mm2']) * between / 1e3
+    else:
+      assert r['excluded'].startswith('cavity: apical: cavity ')   # no myocardium class here
   volumes = read_csv(os.path.join(folder, 'volumes.csv'))
   for v in volumes:
     assert float(v['volume_ml']) == pytest.approx(totals[int(v['phase_index'])], rel=1e-4)
@@ -506,8 +526,9 @@ def test_full_cine_volumes_ed_es_and_expert_columns(full_cine_run, data_root):
     else:
       assert r['expert_area_mm2'] == ''
   predicted = np.zeros(20)
-  for r in rows:
-    predicted[int(r['phase_index'])] += float(r['area_mm2']) * between / 1e3
+  for r in rows:   # the cells the slice rules keep (apical: no myocardium class here)
+    if not r['excluded']:
+      predicted[int(r['phase_index'])] += float(r['area_mm2']) * between / 1e3
   ed, es = int(np.argmax(predicted)), int(np.argmin(predicted))
   assert len(set(np.round(predicted, 3))) > 2   # ED/ES picked among distinct volumes
   for r in rows:

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from lvseg_jax import contours as contours_lib
 from lvseg_jax import data as data_lib
 from lvseg_jax import metrics
 
@@ -29,12 +30,24 @@ TTA_TRANSFORMS = {
 
 @dataclasses.dataclass
 class Prediction:
-  """The model's output for one frame, on the frame's original grid."""
+  """The model's output for one frame, on the frame's original grid.
+
+  Contours are sub-pixel (`metrics.probability_contour` at 0.5), moved in by the training
+  masks' outset (`config.data.mask_outset_px`). The epicardium fields are None for a
+  cavity-only model.
+  """
   frame: data_lib.Frame
-  probability: np.ndarray          # (H, W) float32 LV probability (TTA mean)
-  mask: np.ndarray                 # (H, W) uint8 {0, 1}, after post-processing
-  contour: np.ndarray              # (P, 2) automatic (x, y) contour; (0, 2) if mask is empty
+  probability: np.ndarray          # (H, W) float32 LV cavity probability (TTA mean)
+  mask: np.ndarray                 # (H, W) uint8 {0, 1} cavity, after post-processing
+  contour: np.ndarray              # (P, 2) endocardial (x, y) contour; (0, 2) if mask is empty
   uncertainty: np.ndarray | None   # (H, W) float32 variance of the LV probability across TTA
+  epi_mask: np.ndarray | None = None      # (H, W) uint8 cavity + myocardium, filled
+  epi_contour: np.ndarray | None = None   # (P, 2) epicardial contour
+
+  @property
+  def myocardium(self) -> np.ndarray | None:
+    """(H, W) bool myocardium: inside the epicardium, outside the cavity."""
+    return None if self.epi_mask is None else (self.epi_mask != 0) & (self.mask == 0)
 
 
 def _transform(x: jax.Array, k: int, flip: bool) -> jax.Array:
@@ -91,6 +104,25 @@ def postprocess_mask(mask: np.ndarray, largest_component: bool = True,
   if fill_holes:
     mask = ndimage.binary_fill_holes(mask)
   return mask.astype(np.uint8)
+
+
+def _prediction(frame: data_lib.Frame, probs: np.ndarray, uncertainty: np.ndarray | None,
+                config: ml_collections.ConfigDict) -> Prediction:
+  """Masks and sub-pixel contours of one frame from its (H, W, K) class probabilities."""
+  post = dict(largest_component=bool(config.predict.largest_component),
+              fill_holes=bool(config.predict.fill_holes))
+  inset = float(config.data.mask_outset_px)
+  labels = np.argmax(probs, axis=-1)
+  mask = postprocess_mask(labels == LV_CLASS, **post)
+  cavity = probs[..., LV_CLASS]
+  contour = contours_lib.offset_inward(metrics.probability_contour(cavity, mask), inset)
+  epi_mask = epi_contour = None
+  if probs.shape[-1] > data_lib.MYOCARDIUM:
+    epi_mask = postprocess_mask(np.isin(labels, (LV_CLASS, data_lib.MYOCARDIUM)), **post) | mask
+    epi_contour = contours_lib.offset_inward(metrics.probability_contour(
+        cavity + probs[..., data_lib.MYOCARDIUM], epi_mask), inset)
+  return Prediction(frame=frame, probability=cavity, mask=mask, contour=contour,
+                    uncertainty=uncertainty, epi_mask=epi_mask, epi_contour=epi_contour)
 
 
 class _Progress:
@@ -162,16 +194,11 @@ def predict_frames(model, variables: dict[str, Any], frames: Sequence[data_lib.F
         probs_o = probs_o.reshape(frame.shape + (-1,))
         # Outside the network window (crop mode) the inverse fills 0 for every class: background.
         probs_o[..., 0] = np.where(probs_o.sum(-1) == 0, 1.0, probs_o[..., 0])
-        raw = np.argmax(probs_o, axis=-1) == LV_CLASS
-        mask = postprocess_mask(raw, bool(config.predict.largest_component),
-                                bool(config.predict.fill_holes))
         uncertainty = None
         if tta_mode != 'none':
           uncertainty = np.clip(geometry.invert(np.asarray(variance[i], np.float32),
                                                 labels=False), 0.0, None)
-        results.append(Prediction(frame=frame, probability=probs_o[..., LV_CLASS],
-                                  mask=mask, contour=metrics.mask_to_contour(mask),
-                                  uncertainty=uncertainty))
+        results.append(_prediction(frame, probs_o, uncertainty, config))
       progress.update(len(chunk))
   finally:
     progress.close()

@@ -75,6 +75,19 @@ def expert_volumes(frames: Sequence[data_lib.Frame], spacing_mm: float) -> dict[
   return out
 
 
+def predicted_areas(p: Prediction, method: str) -> tuple[float, float | None]:
+  """(cavity, epicardium) areas in mm² of a prediction: inside its sub-pixel contours
+  ('contour'), or pixel counts of its masks ('pixels'). The epicardium is None for a
+  cavity-only model."""
+  spacing = p.frame.pixel_spacing
+  if method == 'pixels':
+    return (clinical.mask_area_mm2(p.mask, spacing),
+            None if p.epi_mask is None else clinical.mask_area_mm2(p.epi_mask, spacing))
+  polygon = lambda c: clinical.polygon_area_mm2(c, spacing) if len(c) >= 3 else 0.0
+  return (polygon(p.contour),
+          None if p.epi_mask is None else polygon(p.epi_contour))
+
+
 def slice_spacing(frames: Sequence[data_lib.Frame], fallback_mm: float = 0.0
                   ) -> tuple[float, str, list[str]]:
   """Spacing between slices for volume summation: (mm, source, warnings).
@@ -174,18 +187,27 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
   """Areas per frame and (with slice/phase information) volumes, ED/ES, SV, EF."""
   frames = [p.frame for p in predictions]
   notes = list(series.warnings)
-  pred_areas = [clinical.mask_area_mm2(p.mask, p.frame.pixel_spacing) for p in predictions]
+  pred_areas, epi_areas = zip(*(predicted_areas(p, config.predict.areas) for p in predictions))
+  three_classes = any(p.epi_mask is not None for p in predictions)
+  myo_areas = [max(e - a, 0.0) if e is not None else None for a, e in zip(pred_areas, epi_areas)]
+  coverages = [clinical.myocardial_coverage(p.mask, p.myocardium) if three_classes else None
+               for p in predictions]
   poly_areas = expert_areas(frames, 'polygon')
   mask_areas = expert_areas(frames, 'mask')
   rows = []
-  for p, area, e_poly, e_mask in zip(predictions, pred_areas, poly_areas, mask_areas):
+  for p, area, epi, myo, share, e_poly, e_mask in zip(predictions, pred_areas, epi_areas,
+                                                     myo_areas, coverages, poly_areas,
+                                                     mask_areas):
     f = p.frame
     rows.append(dict(
         frame_id=f.frame_id, instance=f.instance, slice_index=f.slice_index,
         phase_index=f.phase_index, slice_location=f.slice_location,
-        trigger_time_ms=f.trigger_time, area_mm2=area, expert_area_mm2=e_poly,
+        trigger_time_ms=f.trigger_time, area_mm2=area, epi_area_mm2=epi,
+        myocardium_area_mm2=myo, myocardial_coverage=share, expert_area_mm2=e_poly,
         expert_mask_area_mm2=e_mask,
         dice=metrics.dice(p.mask, f.mask) if f.mask is not None else None,
+        epi_dice=(metrics.dice(p.epi_mask, f.epi_mask)
+                  if f.epi_mask is not None and p.epi_mask is not None else None),
         detected=bool(p.mask.any()), source_path=f.source_path))
   summary: dict[str, Any] = dict(
       series=series.name, case=series.case, kind=series.kind, folder=series.folder,
@@ -195,6 +217,7 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
       spacing_source=sorted({f.spacing_source for f in frames}),
       postprocessing=dict(largest_component=bool(config.predict.largest_component),
                           fill_holes=bool(config.predict.fill_holes)),
+      areas=config.predict.areas, contour_inset_px=float(config.data.mask_outset_px),
       tta=(config.predict.tta_transforms if config.predict.tta else 'none'),
       frames=rows)
   if not has_grid(frames):
@@ -220,12 +243,28 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
     phase_times.append(float(np.median(times)) if times else None)
   summary['phase_trigger_time_ms'] = phase_times
   volumes, missing_reason = None, 'no spacing between slices in the input'
+  summary.update(lv_mass_g=None, myocardial_volume_ml=None, excluded=[])
   if math.isfinite(spacing):
+    rules = clinical.SliceRules(float(config.predict.min_myocardial_coverage),
+                                float(config.predict.min_apical_cavity_mm2))
     try:
-      volumes = clinical.lv_volumes(grid, spacing).to_dict()
+      measured = clinical.lv_measurements(
+          grid, spacing, rules,
+          area_grid_from(frames, myo_areas) if three_classes else None,
+          area_grid_from(frames, coverages) if three_classes else None)
     except ValueError as e:
       notes.append(f'volumes not computed: {e}')
       missing_reason = str(e)
+    else:
+      volumes = measured['volumes']
+      at = {(f.slice_index, f.phase_index): row for f, row in zip(frames, rows)}
+      for item in measured['excluded']:
+        row = at[(item['slice'], item['phase'])]
+        row['excluded'] = f"{item['part']}: {item['reason']}"
+        summary['excluded'].append(dict(item, frame_id=row['frame_id']))
+      summary.update(lv_mass_g=measured.get('lv_mass_g'),
+                     myocardial_volume_ml=measured.get('myocardial_volume_ml'),
+                     base_first=measured['base_first'])
   summary['volumes'] = volumes
   summary['volumes_missing'] = None if volumes is not None else missing_reason
   expert = expert_volumes(frames, spacing) if math.isfinite(spacing) else {}

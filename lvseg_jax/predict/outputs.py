@@ -33,6 +33,14 @@ def _nifti_stack(frames: Sequence[data_lib.Frame], arrays: Sequence[np.ndarray],
   return stack
 
 
+def label_map(p: Prediction) -> np.ndarray:
+  """(H, W) uint8 labels of a prediction: 0 background, 1 LV cavity, 2 LV myocardium."""
+  labels = np.asarray(p.mask, np.uint8).copy()
+  if p.epi_mask is not None:
+    labels[p.myocardium] = data_lib.MYOCARDIUM
+  return labels
+
+
 def _image_dtype(frames: Sequence[data_lib.Frame]):
   """int16 when the intensities are integers in range (MR raw data), else float32."""
   integral = all(np.array_equal(f.image, np.round(f.image)) for f in frames)
@@ -59,11 +67,13 @@ def write_nifti_volumes(series: Series, predictions: Sequence[Prediction], folde
   time_step = float(np.median(np.diff(times))) if len(times) > 1 else None
   summary['nifti'] = dict(affine=np.round(affine, 6).tolist(), slice_order=order,
                           geometry=kind, axes='column, row, slice' +
-                          (', phase' if measure.has_grid(frames) else ''))
+                          (', phase' if measure.has_grid(frames) else ''),
+                          labels={'1': 'LV cavity', '2': 'LV myocardium'})
   paths = {}
   mask_path = os.path.join(folder, f'{series.name}_mask.nii.gz')
   export.write_nifti(mask_path, export.to_nifti_order(
-      _nifti_stack(frames, [p.mask for p in predictions], order, np.uint8)), affine, time_step)
+      _nifti_stack(frames, [label_map(p) for p in predictions], order, np.uint8)), affine,
+                   time_step)
   paths['nifti_mask'] = mask_path
   if with_image:
     image_path = os.path.join(folder, f'{series.name}_image.nii.gz')
@@ -75,12 +85,14 @@ def write_nifti_volumes(series: Series, predictions: Sequence[Prediction], folde
 
 
 FRAME_COLUMNS = ('frame_id', 'instance', 'slice_index', 'phase_index', 'slice_location',
-                 'trigger_time_ms', 'area_mm2', 'expert_area_mm2', 'expert_mask_area_mm2',
-                 'dice', 'detected', 'is_ed', 'is_es')
+                 'trigger_time_ms', 'area_mm2', 'epi_area_mm2', 'myocardium_area_mm2',
+                 'myocardial_coverage', 'expert_area_mm2', 'expert_mask_area_mm2', 'dice',
+                 'epi_dice', 'detected', 'is_ed', 'is_es', 'excluded')
 
 SERIES_COLUMNS = ('series', 'case', 'num_frames', 'num_slices', 'num_phases',
                   'slice_spacing_mm', 'ed_phase', 'es_phase', 'edv_ml', 'esv_ml', 'sv_ml',
-                  'ef_pct', 'expert_edv_ml', 'expert_esv_ml', 'expert_ef_pct',
+                  'ef_pct', 'lv_mass_g', 'myocardial_volume_ml', 'num_excluded',
+                  'expert_edv_ml', 'expert_esv_ml', 'expert_ef_pct',
                   'expert_phase_edv_ml', 'expert_phase_esv_ml', 'expert_phase_ef_pct',
                   'num_warnings', 'note')
 
@@ -119,6 +131,8 @@ def series_row(summary: dict[str, Any]) -> dict[str, Any]:
       slice_spacing_mm=summary.get('slice_spacing_mm'), ed_phase=volumes.get('ed_phase'),
       es_phase=volumes.get('es_phase'), edv_ml=volumes.get('edv_ml'),
       esv_ml=volumes.get('esv_ml'), sv_ml=volumes.get('sv_ml'), ef_pct=volumes.get('ef_pct'),
+      lv_mass_g=summary.get('lv_mass_g'), myocardial_volume_ml=summary.get('myocardial_volume_ml'),
+      num_excluded=len(summary.get('excluded') or []),
       expert_edv_ml=extrema.get('edv_ml'), expert_esv_ml=extrema.get('esv_ml'),
       expert_ef_pct=extrema.get('ef_pct'), expert_phase_edv_ml=phase.get('edv_ml'),
       expert_phase_esv_ml=phase.get('esv_ml'), expert_phase_ef_pct=phase.get('ef_pct'),
@@ -148,12 +162,15 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
     row['is_ed'] = ed is not None and f.phase_index == ed
     row['is_es'] = es is not None and f.phase_index == es
     if config.predict.save_masks:
-      export.write_mask_png(os.path.join(folder, 'masks', f'{f.frame_id}.png'), p.mask)
+      export.write_mask_png(os.path.join(folder, 'masks', f'{f.frame_id}.png'), p.mask,
+                            p.myocardium)
       counts['masks'] += 1
     if config.predict.save_contours:
-      path = export.write_auto_contour(os.path.join(folder, 'contours'), f.instance, p.contour)
-      row['auto_contour'] = os.path.relpath(path, folder) if path else None
-      counts['contours'] += path is not None
+      for kind, contour in (('i', p.contour), ('o', p.epi_contour)):
+        path = (export.write_auto_contour(os.path.join(folder, 'contours'), f.instance, contour,
+                                          kind) if contour is not None else None)
+        row[f'auto_{kind}contour'] = os.path.relpath(path, folder) if path else None
+        counts['contours'] += path is not None
     if config.predict.save_overlays:
       label = [f.frame_id]
       if f.slice_index is not None:
@@ -161,7 +178,8 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
       label.append('ED' if row['is_ed'] else 'ES' if row['is_es'] else '')
       overlay_writer.write(os.path.join(folder, 'overlays', f'{f.frame_id}.png'), f.image,
                            p.contour, export.expert_outline(f),
-                           title='  '.join(s for s in label if s))
+                           title='  '.join(s for s in label if s), pred_epi=p.epi_contour,
+                           expert_epi=export.expert_outline(f, epicardium=True))
       counts['overlays'] += 1
     if p.uncertainty is not None:
       export.write_uncertainty_png(os.path.join(folder, 'uncertainty', f'{f.frame_id}.png'),
