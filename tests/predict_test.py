@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import pydicom
 import pytest
+from scipy import ndimage
 
 from configs import default
 from lvseg_jax import checkpointing
@@ -569,3 +570,117 @@ def test_full_cine_volumes_ed_es_and_expert_columns(full_cine_run, data_root):
   with open(os.path.join(folder, 'summary.json')) as f:
     saved = json.load(f)
   assert (saved['expert']['phase']['ed_phase'], saved['expert']['phase']['es_phase']) == (19, 6)
+
+
+# ------------------------------------------------------------------- a three-class model
+
+
+@pytest.fixture(scope='module')
+def three_class_run(data_root, tmp_path_factory):
+  """A random tiny 3-class model (cavity, myocardium) on the 18-frame SC-HF-I-02 series."""
+  config = predict_config()
+  config.model.num_classes = 3
+  config.data.myocardium = True
+  workdir = str(tmp_path_factory.mktemp('three_class'))
+  checkpointing.save_config(config, workdir)
+  manager = checkpointing.Checkpointer(workdir)
+  manager.save_best(1, random_variables(models.get_model(config.model), seed=3), 0.5,
+                    {'step': 1})
+  manager.close()
+  config.predict.contour_dir = os.path.join(data_root, 'SCD_ManualContours')
+  output = str(tmp_path_factory.mktemp('three_class_out'))
+  series_dir = os.path.join(data_root, 'SCD_IMAGES_01', SERIES[0])
+  summary, = predict.predict(config, workdir, series_dir, output)
+  return output, summary, glob.glob(os.path.join(series_dir, '*'))[0]
+
+
+def test_three_class_prediction_writes_myocardium_mass_and_both_contours(three_class_run):
+  output, summary, dicom_dir = three_class_run
+  folder = os.path.join(output, summary['series'])
+  header = dicom_header(sorted(glob.glob(os.path.join(dicom_dir, '*.dcm')))[0])
+  row_mm, col_mm = (float(v) for v in header.PixelSpacing)
+  between = float(header.SpacingBetweenSlices)
+  rows = read_csv(os.path.join(folder, 'frames.csv'))
+  nifti = np.asarray(nib.load(os.path.join(folder, f"{summary['series']}_mask.nii.gz")).dataobj)
+  assert set(np.unique(nifti)) == {0, 1, 2}
+  myocardium_at_ed = 0.0
+  ed = summary['volumes']['ed_phase']
+  for r in rows:
+    png = np.asarray(Image.open(os.path.join(folder, 'masks', f"{r['frame_id']}.png")))
+    assert set(np.unique(png)) <= {0, 128, 255}
+    for kind, area in (('i', r['area_mm2']), ('o', r['epi_area_mm2'])):
+      path = os.path.join(folder, 'contours', f"{r['frame_id']}-{kind}contour-auto.txt")
+      if float(area) > 0:   # areas inside the written contours (2 decimals: see above)
+        points = np.loadtxt(path)
+        assert _polygon_area_px(points) * row_mm * col_mm == pytest.approx(float(area),
+                                                                            rel=2e-3)
+      else:
+        assert not os.path.exists(path)
+    myocardium = float(r['myocardium_area_mm2'])
+    assert myocardium == pytest.approx(max(float(r['epi_area_mm2']) - float(r['area_mm2']), 0),
+                                       abs=2e-4)
+    cavity, ring = png == 255, png == 128
+    if cavity.any():   # the share of the cavity's 8-neighbour ring that is myocardium
+      outside = ndimage.binary_dilation(cavity, np.ones((3, 3), bool)) & ~cavity
+      assert float(r['myocardial_coverage']) == pytest.approx(
+          np.count_nonzero(outside & ring) / np.count_nonzero(outside), abs=1e-4)
+    if int(r['phase_index']) == ed and 'myocardium' not in r['excluded']:
+      myocardium_at_ed += myocardium * between / 1e3
+  top, = read_csv(os.path.join(output, 'summary.csv'))
+  assert float(top['lv_mass_g']) == pytest.approx(1.05 * myocardium_at_ed, abs=1e-3)
+  assert int(top['num_excluded']) == sum(bool(r['excluded']) for r in rows)
+  with open(os.path.join(folder, 'summary.json')) as f:
+    saved = json.load(f)
+  assert saved['nifti']['labels'] == {'1': 'LV cavity', '2': 'LV myocardium'}
+  assert len(saved['excluded']) == int(top['num_excluded'])
+  assert all(e['reason'].startswith(('basal: ', 'apical: ')) for e in saved['excluded'])
+  assert os.path.exists(os.path.join(folder, 'overlays', f"{rows[0]['frame_id']}.png"))
+
+
+def test_slice_rules_and_mass_from_three_class_predictions():
+  """summarize_series on crafted predictions: 4 slices x 2 phases, base first, 1.5 mm pixels,
+  10 mm apart. Cavity discs shrink towards the apex; the myocardium is a ring 6 px wide, cut
+  to its upper-right quarter on the basal slice at ES; the apical cavity at ES is 4 pixels
+  (9 mm^2 < 20 mm^2)."""
+  shape, spacing = (64, 64), (1.5, 1.5)
+  yy, xx = np.mgrid[0:64, 0:64]
+  radius = {(0, 0): 14, (1, 0): 13, (2, 0): 10, (3, 0): 6,
+            (0, 1): 12, (1, 1): 11, (2, 1): 8, (3, 1): 1}
+  frames, predictions = [], []
+  for (s, t), r in radius.items():
+    frame = data.Frame(case='X', frame_id=f'IM-0001-{20 * s + t + 1:04d}', instance=20 * s + t + 1,
+                       image=np.zeros(shape, np.float32), mask=None, contour=None,
+                       pixel_spacing=spacing, spacing_source='dicom', slice_index=s,
+                       phase_index=t, spacing_between_slices=10.0)
+    d2 = (xx - 31.5) ** 2 + (yy - 31.5) ** 2
+    cavity = (d2 <= r * r).astype(np.uint8)
+    epi = (d2 <= (r + 6) ** 2)
+    if (s, t) == (0, 1):
+      epi = epi & (((xx > 31.5) & (yy < 31.5)) | (cavity == 1))
+    frames.append(frame)
+    predictions.append(predict.Prediction(
+        frame=frame, probability=cavity.astype(np.float32), mask=cavity,
+        contour=metrics.mask_to_contour(cavity), uncertainty=None,
+        epi_mask=epi.astype(np.uint8), epi_contour=metrics.mask_to_contour(epi)))
+  config = predict_config()
+  config.predict.areas = 'pixels'
+  series = predict.Series(name='X', kind='dicom', folder='', frames=frames, case='X')
+  summary = predict.summarize_series(series, predictions, config)
+  assert summary['base_first'] is True
+  assert [(e['slice'], e['phase'], e['part']) for e in summary['excluded']] == [
+      (0, 1, 'cavity+myocardium'), (3, 1, 'cavity')]
+  assert summary['excluded'][0]['frame_id'] == 'IM-0001-0002'
+  by_id = {r['frame_id']: r for r in summary['frames']}
+  assert by_id['IM-0001-0002']['excluded'].startswith('cavity+myocardium: basal: ')
+  assert by_id['IM-0001-0062']['excluded'].startswith('cavity: apical: cavity ')
+  px = 1.5 * 1.5
+  area = {k: np.count_nonzero((xx - 31.5) ** 2 + (yy - 31.5) ** 2 <= r * r) * px
+          for k, r in radius.items()}
+  ring = {k: np.count_nonzero((xx - 31.5) ** 2 + (yy - 31.5) ** 2 <= (r + 6) ** 2) * px - area[k]
+          for k, r in radius.items()}
+  volumes = summary['volumes']
+  assert (volumes['ed_phase'], volumes['es_phase']) == (0, 1)
+  assert volumes['edv_ml'] == pytest.approx(sum(area[(s, 0)] for s in range(4)) * 10 / 1e3)
+  assert volumes['esv_ml'] == pytest.approx((area[(1, 1)] + area[(2, 1)]) * 10 / 1e3)
+  assert summary['lv_mass_g'] == pytest.approx(1.05 * sum(ring[(s, 0)] for s in range(4)) * 10
+                                               / 1e3)
