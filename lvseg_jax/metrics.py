@@ -179,6 +179,8 @@ def _outer_level_contour(field: np.ndarray, comp: np.ndarray, level: float = 0.5
   r0, c0 = max(rows.start - 1, 0), max(cols.start - 1, 0)
   crop = np.pad(field[r0:rows.stop + 1, c0:cols.stop + 1], 1)
   outlines = measure.find_contours(crop, level, fully_connected='low')
+  if not outlines:   # `field` never reaches `level` on the component: its pixel outline
+    return mask_to_contour(comp)
   outer = max(outlines, key=lambda c: abs(contours_lib.signed_area(c)))
   if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
     outer = outer[:-1]

@@ -115,12 +115,17 @@ def _prediction(frame: data_lib.Frame, probs: np.ndarray, uncertainty: np.ndarra
   labels = np.argmax(probs, axis=-1)
   mask = postprocess_mask(labels == LV_CLASS, **post)
   cavity = probs[..., LV_CLASS]
-  contour = contours_lib.offset_inward(metrics.probability_contour(cavity, mask), inset)
+  # Contours follow the argmax boundary at sub-pixel precision: the 0.5 level of
+  # (1 + p_region - p_best_other) / 2, which is the region's probability with two classes.
+  others = np.delete(probs, LV_CLASS, axis=-1).max(axis=-1)
+  contour = contours_lib.offset_inward(
+      metrics.probability_contour((1.0 + cavity - others) / 2.0, mask), inset)
   epi_mask = epi_contour = None
   if probs.shape[-1] > data_lib.MYOCARDIUM:
     epi_mask = postprocess_mask(np.isin(labels, (LV_CLASS, data_lib.MYOCARDIUM)), **post) | mask
-    epi_contour = contours_lib.offset_inward(metrics.probability_contour(
-        cavity + probs[..., data_lib.MYOCARDIUM], epi_mask), inset)
+    inside = np.maximum(cavity, probs[..., data_lib.MYOCARDIUM])
+    epi_contour = contours_lib.offset_inward(
+        metrics.probability_contour((1.0 + inside - probs[..., 0]) / 2.0, epi_mask), inset)
   return Prediction(frame=frame, probability=cavity, mask=mask, contour=contour,
                     uncertainty=uncertainty, epi_mask=epi_mask, epi_contour=epi_contour)
 

@@ -1,0 +1,34 @@
+"""Agreement of predicted EDV, ESV, EF and LV mass with the expert's, under cross-validation.
+
+  python ablate.py --config=configs/clinical.py --workdir=runs/clinical_cv \
+      --grid='{"model.name": ["ibu"]}' --folds=0,1,2,3,4
+  python agreement.py --workdir=runs/clinical_cv
+
+Each case is measured by the fold run that held it out (lvseg_jax.agreement). Writes
+`<workdir>/agreement.md`, `agreement.json` and `agreement_bland_altman.png`.
+"""
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('workdir', None, 'Folder of the k-fold runs (ablate.py --folds=...).')
+flags.DEFINE_string('output', None, 'Where to write the results (default: --workdir).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from lvseg_jax import agreement  # pylint: disable=g-import-not-at-top
+  from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logging()
+  try:
+    agreement.run_agreement(FLAGS.workdir, FLAGS.output)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+
+
+if __name__ == '__main__':
+  app.run(main)

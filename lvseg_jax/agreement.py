@@ -1,0 +1,274 @@
+"""Agreement of the predicted clinical measurements with the expert's, under cross-validation.
+
+For a folder of k-fold training runs (`ablate.py ... --folds=...`), every case with expert
+contours at ED and ES on all its slices is measured by the fold that held it out, never by a
+model that saw it:
+
+  * PNG copy (all development cases): slice = (NNNN-1)//20, phase = (NNNN-1)%20, nominal pixel
+    and slice spacing, so volumes and mass are compared in % and EF in points;
+  * DICOM cases: the same on their contoured frames, with the DICOM spacing, in mL and g.
+
+Expert areas are the areas inside the expert masks' outlines moved in by the masks' outset
+(`data.mask_outset_px`), the rule the predictions follow; on the 96 DICOM contours that is within
+0.2% of the expert polygons' own areas on average (docs/RESULTS.md). Both sides use the same
+frames; the predictions go through the slice rules of `clinical.lv_measurements`.
+
+Reported per quantity: bias (mean difference), 95% limits of agreement (bias +- 1.96 SD),
+Pearson correlation, and a Bland-Altman plot.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from absl import logging
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+
+from lvseg_jax import checkpointing
+from lvseg_jax import clinical
+from lvseg_jax import contours as contours_lib
+from lvseg_jax import data as data_lib
+from lvseg_jax import metrics
+from lvseg_jax import models
+from lvseg_jax import results as results_lib
+from lvseg_jax.predict import inference
+from lvseg_jax.predict import measure
+
+# Nominal spacing between slices of the PNG copy (no headers): cancels in every % and EF.
+NOMINAL_SLICE_SPACING_MM = 10.0
+QUANTITIES = (('edv_ml', 'EDV', '%'), ('esv_ml', 'ESV', '%'), ('ef_pct', 'EF', 'points'),
+              ('lv_mass_g', 'LV mass', '%'))
+
+
+def expert_area_mm2(mask: np.ndarray | None, spacing: Sequence[float], inset_px: float
+                    ) -> float | None:
+  """Area inside an expert mask's outline moved in by `inset_px`; None without a mask."""
+  if mask is None:
+    return None
+  outline = metrics.mask_to_contour(mask)
+  if len(outline) < 3:
+    return 0.0
+  return clinical.polygon_area_mm2(contours_lib.offset_inward(outline, inset_px), spacing)
+
+
+def _with_grid(frames: Sequence[data_lib.Frame]) -> list[data_lib.Frame]:
+  """The PNG copy's frames with slice and phase from the frame number (the data README)."""
+  return [f if f.slice_index is not None else
+          dataclasses.replace(f, slice_index=(f.instance - 1) // 20,
+                              phase_index=(f.instance - 1) % 20) for f in frames]
+
+
+def measure_case(frames: Sequence[data_lib.Frame],
+                 predictions: Sequence[inference.Prediction], spacing_mm: float,
+                 config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Expert and predicted EDV/ESV/EF (and LV mass) of one case on the same frames.
+
+  Returns:
+    {'expert': {...}, 'predicted': {...}, 'excluded': [...]} or {'skipped': reason}.
+  """
+  inset = float(config.data.mask_outset_px)
+  cavity = [expert_area_mm2(f.mask, f.pixel_spacing, inset) for f in frames]
+  epi = [expert_area_mm2(f.epi_mask, f.pixel_spacing, inset) for f in frames]
+  expert_grid = measure.area_grid_from(frames, cavity)
+  try:
+    expert = clinical.lv_volumes(expert_grid, spacing_mm).to_dict()
+  except ValueError as e:
+    return {'skipped': f'expert volumes: {e}'}
+  if expert['es_phase'] is None:
+    return {'skipped': 'the expert contoured different slices at ED and ES (needs both on '
+                       'every slice)'}
+  ed = expert['ed_phase']
+  epi_grid = measure.area_grid_from(frames, epi)
+  used = ~np.isnan(expert_grid[:, ed])
+  if np.all(~np.isnan(epi_grid[used, ed])):
+    myo = np.clip(epi_grid[used, ed] - expert_grid[used, ed], 0, None)
+    expert['lv_mass_g'] = (clinical.MYOCARDIAL_DENSITY_G_PER_ML * float(np.sum(myo))
+                           * spacing_mm / clinical.MM3_PER_ML)
+  pred_areas, pred_epi = zip(*(measure.predicted_areas(p, config.predict.areas)
+                               for p in predictions))
+  three_classes = predictions[0].epi_mask is not None
+  rules = clinical.SliceRules(float(config.predict.min_myocardial_coverage),
+                              float(config.predict.min_apical_cavity_mm2))
+  measured = clinical.lv_measurements(
+      measure.area_grid_from(frames, pred_areas), spacing_mm, rules,
+      measure.area_grid_from(frames, [e - a for a, e in zip(pred_areas, pred_epi)])
+      if three_classes else None,
+      measure.area_grid_from(frames, [clinical.myocardial_coverage(p.mask, p.myocardium)
+                                      for p in predictions]) if three_classes else None)
+  predicted = dict(measured['volumes'])
+  if 'lv_mass_g' in measured:
+    predicted['lv_mass_g'] = measured['lv_mass_g']
+  return {'expert': expert, 'predicted': predicted, 'excluded': measured['excluded']}
+
+
+def _fold_runs(cv_dir: str) -> list[str]:
+  runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(cv_dir, '**', 'split.json'),
+                                                      recursive=True))
+  if not runs:
+    raise FileNotFoundError(f'{cv_dir}: no training runs (no */split.json)')
+  return runs
+
+
+def held_out_cases(cv_dir: str) -> dict[str, str]:
+  """case -> the run that held it out; each case is held out by exactly one run."""
+  owner: dict[str, str] = {}
+  for run in _fold_runs(cv_dir):
+    with open(os.path.join(run, 'split.json')) as f:
+      split = json.load(f)
+    if split['split'] != 'kfold':
+      raise ValueError(f'{run}: split {split["split"]!r}, not a k-fold run')
+    leaked = set(split['eval_cases']) & set(split['train_cases'])
+    if leaked:
+      raise ValueError(f'{run}: cases both trained on and evaluated: {sorted(leaked)}')
+    for case in split['eval_cases']:
+      if case in owner:
+        raise ValueError(f'{case} is held out by both {owner[case]} and {run}')
+      owner[case] = run
+  return owner
+
+
+def _measure_with(run: str, cases: Sequence[str], source: str) -> dict[str, dict[str, Any]]:
+  """Measures `cases` with the best checkpoint of `run` on the `source` copy of the data."""
+  config, variables = checkpointing.load_for_inference(run, 'best')
+  config.predict.tta = False
+  config.predict.progress = False
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.source = source
+  data_config.cache_dir = ''
+  frames = data_lib.load_frames(data_config, cases=list(cases))
+  model = models.get_model(config.model)
+  out = {}
+  for case in cases:
+    case_frames = _with_grid([f for f in frames if f.case == case])
+    if not case_frames:
+      continue
+    if source == 'dicom':
+      spacing, _, _ = measure.slice_spacing(case_frames)
+    else:
+      spacing = NOMINAL_SLICE_SPACING_MM
+    predictions = inference.predict_frames(model, variables, case_frames, config,
+                                           desc=case)
+    out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=run,
+                     source=source, slice_spacing_mm=spacing, frames=len(case_frames))
+    logging.info('%s (%s, %s): %s', case, source, os.path.basename(run),
+                 out[case].get('skipped') or 'measured')
+  return out
+
+
+def agreement_stats(predicted: Sequence[float], expert: Sequence[float], relative: bool
+                    ) -> dict[str, float | int]:
+  """Bias, SD and 95% limits of agreement of the differences (in % of the expert's value when
+  `relative`), and Pearson's r of the two."""
+  p, e = np.asarray(predicted, np.float64), np.asarray(expert, np.float64)
+  diff = 100.0 * (p - e) / e if relative else p - e
+  n = len(diff)
+  bias = float(diff.mean()) if n else math.nan
+  sd = float(diff.std(ddof=1)) if n > 1 else math.nan
+  r = float(np.corrcoef(p, e)[0, 1]) if n > 2 else math.nan
+  return {'n': n, 'bias': bias, 'sd': sd, 'loa_low': bias - 1.96 * sd,
+          'loa_high': bias + 1.96 * sd, 'r': r}
+
+
+def _table(cases: dict[str, dict[str, Any]], relative_volumes: bool) -> dict[str, Any]:
+  stats, points = {}, {}
+  for key, _, _ in QUANTITIES:
+    pairs = [(c['predicted'][key], c['expert'][key]) for c in cases.values()
+             if 'expert' in c and c['expert'].get(key) is not None
+             and c['predicted'].get(key) is not None]
+    relative = relative_volumes and key != 'ef_pct'
+    stats[key] = agreement_stats([p for p, _ in pairs], [e for _, e in pairs], relative)
+    stats[key]['unit'] = ('%' if relative else 'points' if key == 'ef_pct' else
+                          'mL' if key.endswith('_ml') else 'g')
+    points[key] = pairs
+  return {'stats': stats, 'points': points}
+
+
+def bland_altman_png(path: str, table: dict[str, Any], title: str) -> None:
+  """One Bland-Altman panel per quantity: difference against mean, bias and 95% limits."""
+  fig = Figure(figsize=(4 * len(QUANTITIES), 3.6))
+  FigureCanvasAgg(fig)
+  for ax, (key, label, _) in zip(fig.subplots(1, len(QUANTITIES)), QUANTITIES):
+    s, pairs = table['stats'][key], table['points'][key]
+    if not pairs:
+      ax.set_axis_off()
+      continue
+    p, e = np.array(pairs).T
+    diff = 100 * (p - e) / e if s['unit'] == '%' else p - e
+    ax.scatter((p + e) / 2, diff, s=14)
+    for y, style in ((s['bias'], '-'), (s['loa_low'], '--'), (s['loa_high'], '--')):
+      if math.isfinite(y):
+        ax.axhline(y, color='k', linestyle=style, linewidth=0.8)
+    ax.axhline(0, color='grey', linewidth=0.5)
+    ax.set_title(f"{label}: bias {s['bias']:+.1f} {s['unit']}, n={s['n']}", fontsize=9)
+    ax.set_xlabel('mean of predicted and expert')
+    ax.set_ylabel(f"predicted - expert ({s['unit']})")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _markdown(result: dict[str, Any]) -> str:
+  lines = ['# Agreement with the expert (cross-validation, each case by the fold that held it '
+           'out)', '']
+  for name, label in (('png', 'PNG copy, nominal spacing (volumes and mass in %)'),
+                      ('dicom', 'DICOM cases, their own spacing (mL, g)')):
+    table = result[name]
+    lines += [f'## {label}', '', '| quantity | n | bias | 95% limits of agreement | r |',
+              '|---|---:|---:|---:|---:|']
+    for key, title, _ in QUANTITIES:
+      s = table['stats'][key]
+      if not s['n']:
+        continue
+      lines.append(f"| {title} ({s['unit']}) | {s['n']} | {s['bias']:+.2f} | "
+                   f"{s['loa_low']:+.2f} to {s['loa_high']:+.2f} | {s['r']:.3f} |")
+    lines += ['', '| case | fold run | EDV exp/pred | ESV exp/pred | EF exp/pred | '
+              'mass exp/pred | excluded cells |', '|---|---|---:|---:|---:|---:|---:|']
+    for case, c in sorted(result['cases'][name].items()):
+      if 'skipped' in c:
+        lines.append(f"| {case} | {os.path.basename(c['run'])} | skipped: {c['skipped']} "
+                     '| | | | |')
+        continue
+      cells = []
+      for key, _, _ in QUANTITIES:
+        e, p = c['expert'].get(key), c['predicted'].get(key)
+        cells.append('-' if e is None or p is None else f'{e:.1f} / {p:.1f}')
+      lines.append(f"| {case} | {os.path.basename(c['run'])} | " + ' | '.join(cells)
+                   + f" | {len(c['excluded'])} |")
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def run_agreement(cv_dir: str, output: str | None = None) -> dict[str, Any]:
+  """Measures every held-out case of a k-fold folder; writes agreement.{json,md,png}.
+
+  Args:
+    cv_dir: the folder of the fold runs (each with split.json and checkpoints).
+    output: where to write (default `cv_dir`).
+  """
+  output = output or cv_dir
+  owner = held_out_cases(cv_dir)
+  result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'cases': {}}
+  for source in ('png', 'dicom'):
+    cases: dict[str, dict[str, Any]] = {}
+    for run in sorted(set(owner.values())):
+      mine = [c for c, r in owner.items() if r == run]
+      try:
+        cases.update(_measure_with(run, mine, source))
+      except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
+        logging.info('%s (%s): %s', run, source, e)
+    result['cases'][source] = cases
+    result[source] = _table(cases, relative_volumes=(source == 'png'))
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, 'agreement.json'), 'w') as f:
+    json.dump(results_lib.to_jsonable(result), f, indent=1)
+  with open(os.path.join(output, 'agreement.md'), 'w') as f:
+    f.write(_markdown(result))
+  bland_altman_png(os.path.join(output, 'agreement_bland_altman.png'), result['png'],
+                   f'Predicted vs expert, {len(result["cases"]["png"])} held-out cases (PNG copy)')
+  return result

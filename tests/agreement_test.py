@@ -1,0 +1,115 @@
+"""Tests of lvseg_jax.agreement: statistics, a perfect prediction, the held-out bookkeeping, and a
+two-fold run end to end on the real data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import default
+from lvseg_jax import agreement
+from lvseg_jax import data
+from lvseg_jax import metrics
+from lvseg_jax import train
+from lvseg_jax.predict import inference
+
+
+def test_agreement_stats_match_numpy():
+  predicted, expert = [110.0, 95.0, 202.0, 48.0], [100.0, 100.0, 200.0, 50.0]
+  diff = np.array([10.0, -5.0, 2.0, -2.0])
+  s = agreement.agreement_stats(predicted, expert, relative=False)
+  assert s['n'] == 4 and s['bias'] == pytest.approx(diff.mean())
+  assert s['sd'] == pytest.approx(diff.std(ddof=1))
+  assert s['loa_high'] - s['loa_low'] == pytest.approx(2 * 1.96 * diff.std(ddof=1))
+  assert s['r'] == pytest.approx(np.corrcoef(predicted, expert)[0, 1])
+  relative = agreement.agreement_stats(predicted, expert, relative=True)
+  assert relative['bias'] == pytest.approx(np.mean([10.0, -5.0, 1.0, -4.0]))
+
+
+def _perfect_predictions(frames):
+  """What a model that reproduces the expert masks exactly would give; where the expert drew
+  no epicardium, a 5-pixel ring around the cavity stands in for it."""
+  out = []
+  for f in frames:
+    cavity = f.mask.astype(np.float32)
+    epi = (f.epi_mask if f.epi_mask is not None else
+           ndimage.binary_dilation(f.mask, iterations=5)).astype(np.uint8) | f.mask
+    out.append(inference.Prediction(
+        frame=f, probability=cavity, mask=f.mask,
+        contour=metrics.probability_contour(cavity, f.mask), uncertainty=None, epi_mask=epi,
+        epi_contour=metrics.probability_contour(epi.astype(float), epi)))
+  return out
+
+
+def test_a_perfect_prediction_agrees_exactly(data_root):
+  """SC-HF-I-04's PNG frames, predicted as the expert drew them: the same EDV, ESV, EF and LV
+  mass (the apical rule keeps every expert slice: none is below 20 mm^2)."""
+  config = default.get_config()
+  config.data.root, config.data.cache_dir, config.data.myocardium = data_root, '', True
+  config.data.mask_outset_px = 0.0   # the perfect 'probabilities' are the masks themselves
+  frames = agreement._with_grid(data.load_frames(config.data, cases=['SC-HF-I-04']))  # pylint: disable=protected-access
+  assert {(f.instance - 1) % 20 for f in frames} == {6, 19}
+  out = agreement.measure_case(frames, _perfect_predictions(frames), 10.0, config)
+  assert out['excluded'] == []
+  for key in ('edv_ml', 'esv_ml', 'ef_pct'):
+    assert out['predicted'][key] == pytest.approx(out['expert'][key], rel=1e-12), key
+  assert (out['expert']['ed_phase'], out['expert']['es_phase']) == (19, 6)
+  # The expert's ED frames all have an epicardium here, so both sides have a mass.
+  assert out['predicted']['lv_mass_g'] == pytest.approx(out['expert']['lv_mass_g'], rel=1e-12)
+
+
+def _split(tmp_path, name, train_cases, eval_cases, split='kfold'):
+  folder = tmp_path / name
+  folder.mkdir()
+  (folder / 'split.json').write_text(json.dumps(
+      {'split': split, 'train_cases': train_cases, 'eval_cases': eval_cases}))
+
+
+def test_held_out_cases_refuses_leaks_and_double_hold_outs(tmp_path):
+  _split(tmp_path, 'f0', ['B', 'C'], ['A'])
+  _split(tmp_path, 'f1', ['A', 'C'], ['B'])
+  assert agreement.held_out_cases(str(tmp_path)) == {'A': str(tmp_path / 'f0'),
+                                                    'B': str(tmp_path / 'f1')}
+  _split(tmp_path, 'f2', ['C'], ['A'])
+  with pytest.raises(ValueError, match='A is held out by both'):
+    agreement.held_out_cases(str(tmp_path))
+  leaky = tmp_path / 'leaky'
+  leaky.mkdir()
+  _split(leaky, 'f0', ['A', 'B'], ['A'])
+  with pytest.raises(ValueError, match=r"trained on and evaluated: \['A'\]"):
+    agreement.held_out_cases(str(leaky))
+  with pytest.raises(FileNotFoundError, match='no training runs'):
+    agreement.held_out_cases(str(tmp_path / 'empty'))
+
+
+def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
+  """Two tiny 3-class fold runs over the 30 cases; every case measured once, by its fold."""
+  cv = tmp_path / 'cv'
+  for fold in (0, 1):
+    config = tiny_config(num_steps=2, checkpoint_every_steps=100, num_overlays=1)
+    config.model.num_classes, config.data.myocardium = 3, True
+    config.data.split, config.data.num_folds, config.data.fold = 'kfold', 2, fold
+    train.train_and_evaluate(config, str(cv / f'fold{fold}'))
+  result = agreement.run_agreement(str(cv))
+  png = result['cases']['png']
+  assert len(png) == 30
+  assert {os.path.basename(c['run']) for c in png.values()} == {'fold0', 'fold1'}
+  with open(cv / 'fold0' / 'split.json') as f:
+    held_out = set(json.load(f)['eval_cases'])
+  assert {case for case, c in png.items() if c['run'].endswith('fold0')} == held_out
+  assert set(result['cases']['dicom']) == {'SC-HF-I-01', 'SC-HF-I-02', 'SC-HF-I-04',
+                                           'SC-HF-I-05', 'SC-HF-I-06'}
+  # Measured: the cases whose expert drew the same slices at both contoured phases.
+  frames = data.load_frames(config.data)
+  slices = {}
+  for f in frames:
+    slices.setdefault(f.case, {}).setdefault((f.instance - 1) % 20, set()).add(
+        (f.instance - 1) // 20)
+  complete = {c for c, by_phase in slices.items() if len({frozenset(s)
+                                                           for s in by_phase.values()}) == 1}
+  assert {c for c, m in png.items() if 'expert' in m} == complete
+  assert result['png']['stats']['edv_ml']['n'] == len(complete) == 16
+  for name in ('agreement.json', 'agreement.md', 'agreement_bland_altman.png'):
+    assert os.path.exists(cv / name), name
