@@ -113,7 +113,7 @@ def block_norms_for(model: str, depth: int) -> tuple[str, ...]:
 
 def dice_ce_loss(logits, masks, dice_weight: float = 1.0, ce_weight: float = 1.0,
                  smooth: float = 1.0):
-  """`lvseg_jax.train.per_sample_losses`: per-sample pixel CE + (1 - soft Dice) on the
+  """`lvseg_jax.losses.per_sample_losses`: per-sample pixel CE + (1 - soft Dice) on the
   foreground probability 1 - p(background), averaged over the batch. Also returns the hard
   (argmax) Dice the JAX step reports as a metric, so both steps do the same work."""
   ce = F.cross_entropy(logits, masks, reduction='none').mean(dim=(1, 2))
