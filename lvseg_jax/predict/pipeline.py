@@ -93,9 +93,13 @@ def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series]
     summary['seconds'] = round(time.time() - start, 2)
     volumes = summary.get('volumes')
     if volumes:
-      logging.info('%s: %d frames in %.1f s; EDV %s mL, ESV %s mL, EF %s %%', s.name,
-                   len(s.frames), summary['seconds'], outputs.fmt(volumes['edv_ml']) or 'n/a',
-                   outputs.fmt(volumes['esv_ml']) or 'n/a', outputs.fmt(volumes['ef_pct']) or 'n/a')
+      mass = summary.get('lv_mass_g')
+      logging.info('%s: %d frames in %.1f s; EDV %s mL, ESV %s mL, EF %s %%%s; %d slice/phase '
+                   'cell(s) left out (summary.json "excluded")', s.name, len(s.frames),
+                   summary['seconds'], outputs.fmt(volumes['edv_ml']) or 'n/a',
+                   outputs.fmt(volumes['esv_ml']) or 'n/a', outputs.fmt(volumes['ef_pct']) or 'n/a',
+                   f', LV mass {outputs.fmt(mass)} g' if mass is not None else '',
+                   len(summary.get('excluded') or []))
     else:
       logging.info('%s: %d frames in %.1f s; no volumes: %s', s.name, len(s.frames),
                    summary['seconds'], summary['volumes_missing'])
