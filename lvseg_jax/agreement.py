@@ -269,6 +269,9 @@ def run_agreement(cv_dir: str, output: str | None = None) -> dict[str, Any]:
     json.dump(results_lib.to_jsonable(result), f, indent=1)
   with open(os.path.join(output, 'agreement.md'), 'w') as f:
     f.write(_markdown(result))
+  png = result['cases']['png']
+  measured = sum('expert' in c for c in png.values())
   bland_altman_png(os.path.join(output, 'agreement_bland_altman.png'), result['png'],
-                   f'Predicted vs expert, {len(result["cases"]["png"])} held-out cases (PNG copy)')
+                   f'Predicted vs expert: {measured} of {len(png)} held-out cases (PNG copy; '
+                   'the others lack expert contours at ED and ES on some slice)')
   return result
