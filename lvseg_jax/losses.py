@@ -1,22 +1,10 @@
-"""The training loss: pixel cross-entropy and soft Dice over label sets (partial labels)."""
+"""The training loss: pixel cross-entropy and soft Dice, with partial labels."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 
 from lvseg_jax import data as data_lib
-
-
-def label_sets(masks: jax.Array, num_classes: int) -> jax.Array:
-  """(..., K) bool: the classes each label admits. Labels 0..K-1 admit themselves;
-  BACKGROUND_OR_MYOCARDIUM (a frame without an epicardial contour) admits 0 and 2."""
-  table = np.zeros((4, num_classes), bool)
-  for c in range(min(num_classes, 3)):
-    table[c, c] = True
-  table[data_lib.BACKGROUND_OR_MYOCARDIUM, 0] = True
-  if num_classes > data_lib.MYOCARDIUM:
-    table[data_lib.BACKGROUND_OR_MYOCARDIUM, data_lib.MYOCARDIUM] = True
-  return jnp.asarray(table)[masks]
 
 
 def per_sample_losses(logits: jax.Array, masks: jax.Array,
@@ -39,11 +27,18 @@ def per_sample_losses(logits: jax.Array, masks: jax.Array,
     labels (N,), hard Dice of the argmax's cavity (N,).
   """
   num_classes = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  admitted = label_sets(masks, num_classes)
-  ce = -jax.nn.logsumexp(jnp.where(admitted, log_probs, -jnp.inf), axis=-1).mean(axis=(1, 2))
-  probs = jnp.exp(log_probs)
-  partial = jnp.any(masks == data_lib.BACKGROUND_OR_MYOCARDIUM, axis=(1, 2))
+  unknown = masks == data_lib.BACKGROUND_OR_MYOCARDIUM
+  # Complete labels: optax's cross-entropy. The label set {background, myocardium}: the
+  # log-likelihood of the set, logaddexp of the two log-probabilities.
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(unknown, 0, jnp.minimum(masks, num_classes - 1)))
+  if num_classes > data_lib.MYOCARDIUM:
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    either = -jnp.logaddexp(log_probs[..., 0], log_probs[..., data_lib.MYOCARDIUM])
+    ce = jnp.where(unknown, either, ce)
+  ce = ce.mean(axis=(1, 2))
+  probs = jax.nn.softmax(logits, axis=-1)
+  partial = jnp.any(unknown, axis=(1, 2))
   losses, weights = [], []
   for c in range(1, num_classes):
     true = (masks == c).astype(jnp.float32)
