@@ -90,17 +90,8 @@ def measure_case(frames: Sequence[data_lib.Frame],
     myo = np.clip(epi_grid[used, ed] - expert_grid[used, ed], 0, None)
     expert['lv_mass_g'] = (clinical.MYOCARDIAL_DENSITY_G_PER_ML * float(np.sum(myo))
                            * spacing_mm / clinical.MM3_PER_ML)
-  pred_areas, pred_epi = zip(*(measure.predicted_areas(p, config.predict.areas)
-                               for p in predictions))
-  three_classes = predictions[0].epi_mask is not None
-  rules = clinical.SliceRules(float(config.predict.min_myocardial_coverage),
-                              float(config.predict.min_apical_cavity_mm2))
-  measured = clinical.lv_measurements(
-      measure.area_grid_from(frames, pred_areas), spacing_mm, rules,
-      measure.area_grid_from(frames, [e - a for a, e in zip(pred_areas, pred_epi)])
-      if three_classes else None,
-      measure.area_grid_from(frames, [clinical.myocardial_coverage(p.mask, p.myocardium)
-                                      for p in predictions]) if three_classes else None)
+  measured = measure.series_measurements(
+      frames, measure.frame_areas(predictions, config.predict.areas), spacing_mm, config)
   predicted = dict(measured['volumes'])
   if 'lv_mass_g' in measured:
     predicted['lv_mass_g'] = measured['lv_mass_g']

@@ -88,6 +88,33 @@ def predicted_areas(p: Prediction, method: str) -> tuple[float, float | None]:
           None if p.epi_mask is None else polygon(p.epi_contour))
 
 
+def frame_areas(predictions: Sequence[Prediction], method: str
+                ) -> dict[str, list[float | None]]:
+  """Per prediction: 'cavity' and 'epicardium' areas in mm² (`predicted_areas`), and for a
+  three-class model the 'myocardium' area (epicardium - cavity) and the myocardial 'coverage'
+  of the cavity (None each for a cavity-only model)."""
+  cavity, epicardium = (list(v) for v in zip(*(predicted_areas(p, method)
+                                               for p in predictions)))
+  return {'cavity': cavity, 'epicardium': epicardium,
+          'myocardium': [None if e is None else max(e - a, 0.0)
+                         for a, e in zip(cavity, epicardium)],
+          'coverage': [None if p.epi_mask is None else
+                       clinical.myocardial_coverage(p.mask, p.myocardium) for p in predictions]}
+
+
+def series_measurements(frames: Sequence[data_lib.Frame], areas: dict[str, list[float | None]],
+                        spacing_mm: float, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`clinical.lv_measurements` of a series' `frame_areas`, with `config.predict`'s slice
+  rules (the basal rule only for a three-class model)."""
+  rules = clinical.SliceRules(float(config.predict.min_myocardial_coverage),
+                              float(config.predict.min_apical_cavity_mm2))
+  three_classes = all(m is not None for m in areas['myocardium'])
+  return clinical.lv_measurements(
+      area_grid_from(frames, areas['cavity']), spacing_mm, rules,
+      area_grid_from(frames, areas['myocardium']) if three_classes else None,
+      area_grid_from(frames, areas['coverage']) if three_classes else None)
+
+
 def slice_spacing(frames: Sequence[data_lib.Frame], fallback_mm: float = 0.0
                   ) -> tuple[float, str, list[str]]:
   """Spacing between slices for volume summation: (mm, source, warnings).
@@ -187,17 +214,14 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
   """Areas per frame and (with slice/phase information) volumes, ED/ES, SV, EF."""
   frames = [p.frame for p in predictions]
   notes = list(series.warnings)
-  pred_areas, epi_areas = zip(*(predicted_areas(p, config.predict.areas) for p in predictions))
-  three_classes = any(p.epi_mask is not None for p in predictions)
-  myo_areas = [max(e - a, 0.0) if e is not None else None for a, e in zip(pred_areas, epi_areas)]
-  coverages = [clinical.myocardial_coverage(p.mask, p.myocardium) if three_classes else None
-               for p in predictions]
+  areas = frame_areas(predictions, config.predict.areas)
+  pred_areas = areas['cavity']
   poly_areas = expert_areas(frames, 'polygon')
   mask_areas = expert_areas(frames, 'mask')
   rows = []
-  for p, area, epi, myo, share, e_poly, e_mask in zip(predictions, pred_areas, epi_areas,
-                                                     myo_areas, coverages, poly_areas,
-                                                     mask_areas):
+  for p, area, epi, myo, share, e_poly, e_mask in zip(
+      predictions, pred_areas, areas['epicardium'], areas['myocardium'], areas['coverage'],
+      poly_areas, mask_areas):
     f = p.frame
     rows.append(dict(
         frame_id=f.frame_id, instance=f.instance, slice_index=f.slice_index,
@@ -245,13 +269,8 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
   volumes, missing_reason = None, 'no spacing between slices in the input'
   summary.update(lv_mass_g=None, myocardial_volume_ml=None, excluded=[])
   if math.isfinite(spacing):
-    rules = clinical.SliceRules(float(config.predict.min_myocardial_coverage),
-                                float(config.predict.min_apical_cavity_mm2))
     try:
-      measured = clinical.lv_measurements(
-          grid, spacing, rules,
-          area_grid_from(frames, myo_areas) if three_classes else None,
-          area_grid_from(frames, coverages) if three_classes else None)
+      measured = series_measurements(frames, areas, spacing, config)
     except ValueError as e:
       notes.append(f'volumes not computed: {e}')
       missing_reason = str(e)
