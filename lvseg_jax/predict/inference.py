@@ -16,8 +16,8 @@ from lvseg_jax import contours as contours_lib
 from lvseg_jax import data as data_lib
 from lvseg_jax import metrics
 
-# The label of the LV cavity in the model's output.
-LV_CLASS = 1
+# The label of the LV cavity in the model's output (the training class maps' CAVITY).
+LV_CLASS = data_lib.CAVITY
 
 # Test-time augmentation: (number of 90-degree rotations, left-right flip) pairs.
 TTA_TRANSFORMS = {

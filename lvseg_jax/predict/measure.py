@@ -93,8 +93,8 @@ def frame_areas(predictions: Sequence[Prediction], method: str
   """Per prediction: 'cavity' and 'epicardium' areas in mm² (`predicted_areas`), and for a
   three-class model the 'myocardium' area (epicardium - cavity) and the myocardial 'coverage'
   of the cavity (None each for a cavity-only model)."""
-  cavity, epicardium = (list(v) for v in zip(*(predicted_areas(p, method)
-                                               for p in predictions)))
+  pairs = [predicted_areas(p, method) for p in predictions]
+  cavity, epicardium = [a for a, _ in pairs], [e for _, e in pairs]
   return {'cavity': cavity, 'epicardium': epicardium,
           'myocardium': [None if e is None else max(e - a, 0.0)
                          for a, e in zip(cavity, epicardium)],
