@@ -1,6 +1,6 @@
 """Agreement of predicted EDV, ESV, EF and LV mass with the expert's, under cross-validation.
 
-  python ablate.py --config=configs/clinical.py --workdir=runs/clinical_cv \
+  python ablate.py --config=configs/clinical_cpu.py --workdir=runs/clinical_cv \
       --grid='{"model.name": ["ibu"]}' --folds=0,1,2,3,4
   python agreement.py --workdir=runs/clinical_cv
 
@@ -15,6 +15,9 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Folder of the k-fold runs (ablate.py --folds=...).')
 flags.DEFINE_string('output', None, 'Where to write the results (default: --workdir).')
+flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], "Each fold's final model "
+                  "(latest), or its checkpoint with the best Dice on its held-out cases (best: "
+                  'chosen on the cases it then measures, so optimistic).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -25,7 +28,7 @@ def main(argv):
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()
   try:
-    agreement.run_agreement(FLAGS.workdir, FLAGS.output)
+    agreement.run_agreement(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
 

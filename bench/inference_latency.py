@@ -14,6 +14,7 @@ each in a fresh process so the peak resident memory belongs to that configuratio
   python bench/inference_latency.py                              # CPU-scale and full-size IBU-Net
   python bench/inference_latency.py --configs cpu --repeats 1
   python bench/inference_latency.py --configs full,full-bf16      # on a GPU
+  python bench/inference_latency.py --configs cpu,shipped         # + the shipped model
   python bench/inference_latency.py --series /path/to/CINESAX_300 --json /tmp/latency.json
 
 The default series is SCD0000101/CINESAX_300 (SC-HF-I-01: 12 slices x 20 phases = 240 frames,
@@ -46,6 +47,8 @@ CONFIGS = {
     'full': ('configs/ibu.py', {}),                      # IBU-Net, 256 x 256, width 64
     # The same float32 checkpoint run with bfloat16 activations (for GPUs).
     'full-bf16': ('configs/ibu.py', {'predict.dtype': 'bfloat16'}),
+    # The shipped model (lvseg_jax/pretrained/), its trained weights: three classes, two contours.
+    'shipped': ('configs/clinical_cpu.py', {}),
 }
 
 
@@ -94,7 +97,11 @@ def current_rss_mib() -> float:
 
 
 def make_workdir(name: str, batch_size: int, root: str) -> str:
-  """A workdir with the config and a random-init 'best' checkpoint, as training leaves it."""
+  """A workdir with the config and a random-init 'best' checkpoint, as training leaves it
+  ('shipped': the shipped model's folder)."""
+  if name == 'shipped':
+    from lvseg_jax import pretrained  # pylint: disable=g-import-not-at-top
+    return pretrained.path()
   import jax  # pylint: disable=g-import-not-at-top
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from lvseg_jax import models  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the default (paper-scale) configuration."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # JAX's persistent compilation cache for evaluate and predict: a second run skips compiling
+  # the forward pass ('' = off).
+  config.compilation_cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'lvseg_jax',
+                                              'xla')
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
@@ -34,9 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
   data.root = DEFAULT_DATA_ROOT
-  data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout)
+  data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout) | acdc (NIfTI)
   data.png_dir = 'derived_png_meow2'
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
+  data.labels = ml_collections.ConfigDict(dict(  # label values of label volumes (acdc)
+      cavity=3, myocardium=2))                   # ACDC: 1 RV, 2 myocardium, 3 LV cavity
   data.myocardium = False      # also the epicardium (o_labels / ocontour): 3 classes, partial labels
   data.mask_outset_px = 0.5    # how far a training mask's outline lies outside the expert polygon:
                                # SCD masks hold every pixel the polygon touches, 0.5 px beyond an
@@ -108,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3
   train.resume_fallback = True       # resume from the newest readable checkpoint (warned)
   train.num_overlays = 12            # validation overlays in the final PNG grid
+  train.tensorboard = True           # also write <workdir>/tb/ (scalars, overlays) for TensorBoard
+  train.tensorboard_images = 4       # validation overlays per evaluation in TensorBoard
   train.distributed = False          # call jax.distributed.initialize()
   train.halt_after_steps = -1        # > 0: save and stop after this many steps (preemption)
 
@@ -138,6 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   pr.save_overlays = True            # overlays/IM-0001-NNNN.png
   pr.save_nifti = True               # <series>_mask.nii.gz with the DICOM geometry
   pr.nifti_image = True              # also <series>_image.nii.gz (the input intensities)
+  pr.save_dicom_seg = False          # dicom_seg/phaseTT.dcm: DICOM SEG per phase (DICOM input)
   pr.contour_dir = ''                # expert contours for overlays and expert volumes: a folder
                                      # of IM-0001-NNNN-icontour-manual.txt or a CAP
                                      # SCD_ManualContours tree ('' = none)

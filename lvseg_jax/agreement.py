@@ -124,9 +124,10 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
   return owner
 
 
-def _measure_with(run: str, cases: Sequence[str], source: str) -> dict[str, dict[str, Any]]:
-  """Measures `cases` with the best checkpoint of `run` on the `source` copy of the data."""
-  config, variables = checkpointing.load_for_inference(run, 'best')
+def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str
+                  ) -> dict[str, dict[str, Any]]:
+  """Measures `cases` with the `checkpoint` of `run` on the `source` copy of the data."""
+  config, variables = checkpointing.load_for_inference(run, checkpoint)
   config.predict.tta = False
   config.predict.progress = False
   data_config = ml_collections.ConfigDict(config.data.to_dict())
@@ -206,7 +207,7 @@ def bland_altman_png(path: str, table: dict[str, Any], title: str) -> None:
 
 def _markdown(result: dict[str, Any]) -> str:
   lines = ['# Agreement with the expert (cross-validation, each case by the fold that held it '
-           'out)', '']
+           f"out; the {result['checkpoint']} checkpoint of each fold)", '']
   for name, label in (('png', 'PNG copy, nominal spacing (volumes and mass in %)'),
                       ('dicom', 'DICOM cases, their own spacing (mL, g)')):
     table = result[name]
@@ -235,22 +236,26 @@ def _markdown(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def run_agreement(cv_dir: str, output: str | None = None) -> dict[str, Any]:
+def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'latest'
+                  ) -> dict[str, Any]:
   """Measures every held-out case of a k-fold folder; writes agreement.{json,md,png}.
 
   Args:
     cv_dir: the folder of the fold runs (each with split.json and checkpoints).
     output: where to write (default `cv_dir`).
+    checkpoint: 'latest' (each fold's final model: nothing chosen on the held-out cases) or
+      'best' (the checkpoint with the best Dice on them, an optimistic choice).
   """
   output = output or cv_dir
   owner = held_out_cases(cv_dir)
-  result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'cases': {}}
+  result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'checkpoint': checkpoint,
+                            'cases': {}}
   for source in ('png', 'dicom'):
     cases: dict[str, dict[str, Any]] = {}
     for run in sorted(set(owner.values())):
       mine = [c for c, r in owner.items() if r == run]
       try:
-        cases.update(_measure_with(run, mine, source))
+        cases.update(_measure_with(run, mine, source, checkpoint))
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
         logging.info('%s (%s): %s', run, source, e)
     result['cases'][source] = cases

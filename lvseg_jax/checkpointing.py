@@ -4,13 +4,19 @@ Layout of a workdir:
   config.json              the run's configuration (read back for evaluation and prediction)
   checkpoints/<step>/      latest N: {'state': params, batch_stats, opt_state, step; 'meta': json}
   best/<step>/             the best by validation Dice: {'state': params, batch_stats; 'meta'}
+
+An exported model (`export_model`; the shipped models of `lvseg_jax/pretrained/`) is a folder
+with config.json and variables.npz (every array of {'params'[, 'batch_stats']} under its
+'/'-joined path): one portable file, readable without orbax.
 """
 
 import json
 import logging as std_logging
 import os
+import zipfile
 from typing import Any, Sequence
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -20,6 +26,7 @@ from absl import logging
 from lvseg_jax import config_check
 
 CONFIG_FILE = 'config.json'
+VARIABLES_FILE = 'variables.npz'
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -227,6 +234,8 @@ def load_for_inference(workdir: str, which: str = 'best',
   if which not in ('best', 'latest'):
     raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}.")
   config = load_config(workdir)
+  if os.path.exists(os.path.join(workdir, VARIABLES_FILE)):
+    return config, _load_exported(workdir, config)
   model = models.get_model(config.model)
   # Only the structure is needed as a restore target: trace, don't compute.
   abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0),
@@ -266,3 +275,43 @@ def load_for_inference(workdir: str, which: str = 'best',
   state = jax.tree_util.tree_map(np.asarray, state)
   logging.info('Loaded %s checkpoint at step %d from %s', which, step, workdir)
   return config, state
+
+
+def export_model(workdir: str, folder: str, which: str = 'best') -> dict[str, Any]:
+  """Writes a trained run's config.json and variables.npz (float32) to `folder`.
+
+  Returns:
+    {'parameters': count, 'bytes': size of variables.npz}.
+  """
+  config, variables = load_for_inference(workdir, which)
+  os.makedirs(folder, exist_ok=True)
+  save_config(config, folder)
+  flat = {'/'.join(path): np.asarray(leaf, np.float32) for path, leaf in
+          traverse_util.flatten_dict(variables).items()}
+  path = os.path.join(folder, VARIABLES_FILE)
+  np.savez_compressed(path, **flat)
+  count = sum(int(v.size) for k, v in flat.items() if k.startswith('params/'))
+  return dict(parameters=count, bytes=os.path.getsize(path))
+
+
+def _load_exported(folder: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """variables.npz checked against the structure and shapes the config's model builds."""
+  from lvseg_jax import models  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(folder, VARIABLES_FILE)
+  expected = traverse_util.flatten_dict(jax.eval_shape(lambda: models.init_variables(
+      models.get_model(config.model), jax.random.key(0), int(config.data.image_size))))
+  try:
+    with np.load(path) as f:
+      flat = {tuple(k.split('/')): f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise CheckpointError(f'{path}: not a readable variables file ({e}).') from None
+  problems = sorted(set('/'.join(k) for k in expected) ^ set('/'.join(k) for k in flat))
+  problems += ['/'.join(k) + f' {flat[k].shape} != {v.shape}' for k, v in expected.items()
+               if k in flat and flat[k].shape != v.shape]
+  if problems:
+    raise CheckpointError(f'{path}: does not match the model of {CONFIG_FILE} '
+                          f'({len(problems)} array(s) missing, extra or reshaped: '
+                          f'{", ".join(problems[:5])}).')
+  logging.info('Loaded exported model from %s', folder)
+  return traverse_util.unflatten_dict(flat)

@@ -6,7 +6,7 @@ figure state is touched.
 
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 import numpy as np
@@ -48,33 +48,42 @@ def training_curves(metrics_jsonl: str, out_png: str) -> None:
   fig.savefig(out_png, dpi=110)
 
 
-def overlay_grid(frames: Sequence, predictions: Sequence[np.ndarray], out_png: str,
-                 max_items: int = 12, columns: int = 4) -> None:
-  """A grid of frames with the expert (dashed) and predicted contours of the label maps:
-  endocardium green / red, and with a myocardium class, epicardium cyan / orange.
-
-  Frames are spread evenly over the set so several cases appear. Each panel is drawn by
-  `export.OverlayWriter`, the renderer of the per-frame overlays of `--mode=predict`.
-  """
+def overlays(frames: Sequence, predictions: Sequence[np.ndarray], max_items: int = 12
+             ) -> list[tuple[Any, np.ndarray]]:
+  """(frame, (H, W, 3) uint8 image) for up to `max_items` frames spread evenly over the set (so
+  several cases appear), with the expert (dashed) and predicted contours of the label maps:
+  endocardium green / red, and with a myocardium class, epicardium cyan / orange. Drawn by
+  `export.OverlayWriter`, the renderer of the per-frame overlays of `--mode=predict`."""
   n = min(max_items, len(frames))
   if n == 0:
-    return
-  picks = np.linspace(0, len(frames) - 1, n).round().astype(int)
-  rows = int(np.ceil(n / columns))
+    return []
   writer = export.OverlayWriter()
-  fig = Figure(figsize=(3 * columns, 3 * rows + 0.4))
-  axes = fig.subplots(rows, columns, squeeze=False)
-  for ax in axes.ravel():
-    ax.axis('off')
-  for ax, i in zip(axes.ravel(), picks):
+  out = []
+  for i in np.linspace(0, len(frames) - 1, n).round().astype(int):
     frame, labels = frames[i], np.asarray(predictions[i])
     three_classes = bool(np.any(labels == data_lib.MYOCARDIUM)) or frame.epi_mask is not None
-    ax.imshow(writer.render(
+    out.append((frame, writer.render(
         frame.image, metrics.mask_to_contour(labels == data_lib.CAVITY),
         export.expert_outline(frame),
         pred_epi=(metrics.mask_to_contour(np.isin(labels, (data_lib.CAVITY, data_lib.MYOCARDIUM)))
                   if three_classes else None),
-        expert_epi=export.expert_outline(frame, epicardium=True)))
+        expert_epi=export.expert_outline(frame, epicardium=True))))
+  return out
+
+
+def overlay_grid(frames: Sequence, predictions: Sequence[np.ndarray], out_png: str,
+                 max_items: int = 12, columns: int = 4) -> None:
+  """A grid of `overlays` in one PNG."""
+  panels = overlays(frames, predictions, max_items)
+  if not panels:
+    return
+  rows = int(np.ceil(len(panels) / columns))
+  fig = Figure(figsize=(3 * columns, 3 * rows + 0.4))
+  axes = fig.subplots(rows, columns, squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  for ax, (frame, image) in zip(axes.ravel(), panels):
+    ax.imshow(image)
     ax.set_title(f'{frame.case} {frame.frame_id}', fontsize=8)
   fig.suptitle('expert (dashed) vs predicted: endocardium green / red, epicardium cyan / orange',
                fontsize=10)

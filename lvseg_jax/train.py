@@ -36,6 +36,7 @@ from lvseg_jax import evaluate as evaluate_lib
 from lvseg_jax import losses
 from lvseg_jax import results as results_lib
 from lvseg_jax import models
+from lvseg_jax import metric_writer
 from lvseg_jax import plots
 
 AXIS = 'batch'
@@ -310,6 +311,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = (config.train.num_steps if config.train.num_steps > 0
                  else config.train.num_epochs * steps_per_epoch)
   eval_every = max(1, config.train.eval_every_epochs * steps_per_epoch)
+  evaluating = len(eval_ds.frames) > 0   # data.eval_sets=() trains a final model on everything
   logging.info('Training on %d frames (%d steps/epoch, %d steps), evaluating on %d frames; '
                '%d device(s), parallel=%s', len(train_ds.frames), steps_per_epoch,
                total_steps, len(eval_ds.frames), len(devices), config.train.parallel)
@@ -345,8 +347,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   predict_fn = evaluate_lib.make_predict_fn(eval_model)
   start_step = int(state.step)
   stream = _batch_stream(train_ds, config, steps_per_epoch, start_step)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  _drop_records_after(metrics_path, start_step)
+  writer = metric_writer.MetricWriter(workdir, config.train.tensorboard, start_step)
   halt_at = (start_step + config.train.halt_after_steps
              if config.train.halt_after_steps > 0 else None)
   last_eval: dict[str, Any] | None = None
@@ -368,7 +369,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     head = evaluate_lib.headline(results)
     checkpointer.save_best(step, jax.device_get(variables), head['dice'],
                            {'kind': 'variables', 'step': step, **head})
-    _append_jsonl(metrics_path, {'step': step, 'split': 'eval', **head})
+    writer.write(step, 'eval', head)
+    writer.images(step, 'eval/overlays', [image for _, image in plots.overlays(
+        eval_ds.frames, predictions, config.train.tensorboard_images)])
     logging.info('step %d eval: %s', step, evaluate_lib.summary_line(results))
     results['_predictions'] = predictions
     results['_step'] = step
@@ -396,55 +399,43 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('step %d/%d  loss %.4f  dice %.4f  lr %.2e  %.1f img/s  ETA %s', step,
                    total_steps, host['loss'], host['dice'], host['learning_rate'], ips,
                    _format_seconds(eta))
-      _append_jsonl(metrics_path, {'step': step, 'split': 'train', **host,
-                                   'images_per_sec': ips,
+      writer.write(step, 'train', {**host, 'images_per_sec': ips,
                                    'elapsed_s': time.time() - run_start})
       window_start, window_images = time.time(), 0
     if step % config.train.checkpoint_every_steps == 0:
       save(step)
-    if step % eval_every == 0 and step < total_steps:
+    if evaluating and step % eval_every == 0 and step < total_steps:
       last_eval = run_eval(step)
     if stop.signum is not None or (halt_at is not None and step >= halt_at):
       save(step)
       checkpointer.close()
+      writer.close()
       logging.warning('Stopped at step %d; rerun the same command to resume.', step)
       if stop.signum is not None:
         raise Stopped(stop.signum, step)
       return {}
   save(step)
+  if not evaluating:
+    writer.close()
+    plots.training_curves(writer.path, os.path.join(workdir, 'training_curves.png'))
+    checkpointer.close()
+    logging.info('Done in %s; no evaluation set (data.eval_sets is empty): the final model is '
+                 'the latest checkpoint.', _format_seconds(time.time() - run_start))
+    return {}
   if last_eval is None or last_eval.get('_step') != step:
     last_eval = run_eval(step)
   predictions = last_eval.pop('_predictions')
   last_eval.pop('_step')
   name = 'eval_' + '+'.join(config.data.eval_sets)
   results_lib.write_results(last_eval, workdir, name)
-  plots.training_curves(metrics_path, os.path.join(workdir, 'training_curves.png'))
+  writer.close()
+  plots.training_curves(writer.path, os.path.join(workdir, 'training_curves.png'))
   plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, 'val_overlays.png'),
                      max_items=config.train.num_overlays)
   checkpointer.close()
   logging.info('Done in %s. %s. Results: %s/%s.md', _format_seconds(time.time() - run_start),
                evaluate_lib.summary_line(last_eval), workdir, name)
   return last_eval
-
-
-def _drop_records_after(path: str, step: int) -> None:
-  """Cuts `metrics.jsonl` back to the restored step: a run killed after its last checkpoint
-  logged steps that the resumed run logs again."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)['step'] <= step]
-  if len(kept) != len(lines):
-    logging.info('%s: dropping %d record(s) after step %d, the step resumed from.', path,
-                 len(lines) - len(kept), step)
-    with open(path, 'w') as f:
-      f.writelines(kept)
-
-
-def _append_jsonl(path: str, record: dict[str, Any]) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
 
 
 def _format_seconds(seconds: float) -> str:

@@ -93,6 +93,7 @@ def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
     config.data.split, config.data.num_folds, config.data.fold = 'kfold', 2, fold
     train.train_and_evaluate(config, str(cv / f'fold{fold}'))
   result = agreement.run_agreement(str(cv))
+  assert result['checkpoint'] == 'latest'   # the final model: nothing chosen on held-out cases
   png = result['cases']['png']
   assert len(png) == 30
   assert {os.path.basename(c['run']) for c in png.values()} == {'fold0', 'fold1'}

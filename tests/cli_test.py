@@ -282,3 +282,20 @@ def test_sigint_during_training_saves_then_exits_130(tiny_config, tmp_path, monk
   assert stopped.value.step == 2
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
   assert cli.exit_code(stopped.value, show_traceback=False) == 130
+
+
+def test_second_predict_reads_the_forward_pass_from_the_compilation_cache(data_root, tmp_path):
+  """predict turns on JAX's persistent compilation cache (`config.compilation_cache_dir`): the
+  second run loads the compiled forward pass instead of compiling it (JAX logs the hit)."""
+  command = [sys.executable, 'main.py', '--mode=predict', '--verbosity=1',
+             f'--input={os.path.join(data_root, "SCD_IMAGES_01", "SCD0000201")}',
+             f'--config.compilation_cache_dir={tmp_path / "xla"}']
+  logs = []
+  for run in (1, 2):
+    done = subprocess.run(command + [f'--output={tmp_path / f"out{run}"}'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs.append(done.stderr)
+  hit = "Persistent compilation cache hit for 'jit_forward'"
+  assert hit not in logs[0] and hit in logs[1]
+  assert glob.glob(str(tmp_path / 'xla' / 'jit_forward-*'))

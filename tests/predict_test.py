@@ -26,6 +26,7 @@ from lvseg_jax import export
 from lvseg_jax import metrics
 from lvseg_jax import models
 from lvseg_jax import predict
+from lvseg_jax.predict import inference
 
 SERIES = ('SCD0000201', 'SC-HF-I-02')  # the 18-frame series: 9 slices x 2 phases, all contoured
 IMAGE_SIZE = 64
@@ -195,7 +196,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, data_root):
   (tmp_path / 'text' / 'notes.txt').write_text('not an image')
   with pytest.raises(predict.PredictError, match='no DICOM series'):
     predict.find_series(str(tmp_path / 'text'), config)
-  with pytest.raises(predict.PredictError, match='not a file'):
+  with pytest.raises(predict.PredictError, match='input must be a NIfTI file .* or a folder'):
     predict.find_series(str(tmp_path / 'text' / 'notes.txt'), config)
   # Two frames of two different series in one folder.
   mixed = tmp_path / 'mixed'
@@ -684,3 +685,33 @@ def test_slice_rules_and_mass_from_three_class_predictions():
   assert volumes['esv_ml'] == pytest.approx((area[(1, 1)] + area[(2, 1)]) * 10 / 1e3)
   assert summary['lv_mass_g'] == pytest.approx(1.05 * sum(ring[(s, 0)] for s in range(4)) * 10
                                                / 1e3)
+
+
+@pytest.mark.parametrize('shape,mode,row,expected', [
+    ((256, 256), 'crop', 0, True),      # window rows 64..191 of 256: the frame goes on above
+    ((256, 256), 'crop', 127, True),    # ... and below
+    ((256, 256), 'crop', 60, False),    # inside the window
+    ((128, 128), 'crop', 0, False),     # the window is the whole frame
+    ((100, 100), 'crop', 0, False),     # padded: nothing beyond the window's edge
+    ((256, 256), 'resize', 0, False),   # resized: the window holds the whole frame
+])
+def test_lv_cut_by_the_crop_window_is_flagged(shape, mode, row, expected):
+  geometry = data.Geometry.create(shape, 128, mode)
+  foreground = np.zeros((128, 128), bool)
+  foreground[row, 50:60] = True
+  assert inference._cut_by_window(foreground, geometry) is expected
+  assert inference._cut_by_window(foreground.T, geometry) is expected   # columns alike
+
+
+def test_frames_cut_by_the_crop_window_are_named_in_the_summary():
+  frame = data.Frame(case='X', frame_id='IM-0001-0001', instance=1,
+                     image=np.zeros((8, 8), np.float32), mask=None, contour=None,
+                     pixel_spacing=(1.0, 1.0), spacing_source='dicom')
+  mask = np.zeros((8, 8), np.uint8)
+  p = predict.Prediction(frame=frame, probability=mask.astype(np.float32), mask=mask,
+                         contour=np.zeros((0, 2)), uncertainty=None, cut_by_window=True)
+  config = predict_config()
+  summary = predict.summarize_series(
+      predict.Series(name='X', kind='png', folder='', frames=[frame], case='X'), [p], config)
+  assert any(w.startswith('1 frame(s) (IM-0001-0001): the LV reaches the edge of the central '
+                          f'{config.data.image_size}-pixel window') for w in summary['warnings'])

@@ -186,3 +186,25 @@ def test_load_for_inference_reads_best_or_latest(smoke_run):
   assert jax.tree_util.tree_structure(latest) == jax.tree_util.tree_structure(variables)
   with pytest.raises(ValueError, match='best'):
     checkpointing.load_for_inference(workdir, 'newest')
+
+
+def test_without_eval_sets_a_final_model_trains_on_every_case(tiny_config, tmp_path):
+  """data.eval_sets=() (the shipped model's recipe): training + validation cases all train,
+  nothing is evaluated, and the latest checkpoint is the model (export_model reads it)."""
+  config = tiny_config(num_steps=2, checkpoint_every_steps=100)
+  config.data.train_sets, config.data.eval_sets = ('training', 'validation'), ()
+  workdir = str(tmp_path / 'final')
+  assert train.train_and_evaluate(config, workdir) == {}
+  with open(os.path.join(workdir, 'split.json')) as f:
+    split = json.load(f)
+  assert len(split['train_cases']) == 30 and split['eval_cases'] == []
+  assert split['train_frames'] == 526
+  assert not os.listdir(os.path.join(workdir, 'best'))   # no evaluation, no best checkpoint
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert {json.loads(line)['split'] for line in f} == {'train'}
+  info = checkpointing.export_model(workdir, str(tmp_path / 'export'), 'latest')
+  _, exported = checkpointing.load_for_inference(str(tmp_path / 'export'))
+  _, latest = checkpointing.load_for_inference(workdir, 'latest')
+  for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(latest)):
+    np.testing.assert_array_equal(a, b)
+  assert info['parameters'] > 0

@@ -23,7 +23,7 @@ CACHE_VERSION = 2
 # config.data fields that change what is loaded or how it is preprocessed (the cache key).
 _CACHE_CONFIG_KEYS = ('source', 'png_dir', 'contour', 'image_size', 'resize_mode',
                       'clip_percentiles', 'nominal_spacing_mm', 'spacing_table', 'on_error',
-                      'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium')
+                      'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium', 'labels')
 _ARRAY_FIELDS = ('image', 'mask', 'contour', 'epi_mask', 'epi_contour')
 _TUPLE_FIELDS = ('pixel_spacing', 'image_position', 'image_orientation')
 
@@ -188,6 +188,8 @@ def cache_key(data_config: Any, cases: Sequence[str] | None = None,
   settings = {}
   for key in _CACHE_CONFIG_KEYS:
     value = data_config[key]
+    if hasattr(value, 'to_dict'):
+      value = value.to_dict()
     settings[key] = list(value) if isinstance(value, (tuple, list)) else value
   payload = {'version': CACHE_VERSION, 'root': os.path.realpath(root), 'files': files,
              'config': settings, 'contoured_only': bool(contoured_only),

@@ -1,10 +1,11 @@
-"""The source registry (png | dicom) and `load_frames`, the one way frames are loaded."""
+"""The source registry (png | dicom | acdc) and `load_frames`, the one way frames are loaded."""
 
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import logging
 
+from lvseg_jax.data import acdc
 from lvseg_jax.data import png
 from lvseg_jax.data import scd_dicom
 from lvseg_jax.data.records import DataError, Frame, LoadReport, normalize_case_id, root_dir
@@ -14,11 +15,14 @@ class Source(NamedTuple):
   load: Callable[[Any, set[str] | None, bool, LoadReport], list[Frame]]
   files: Callable[[Any], list[str]]     # every file the loader may read (the cache key)
   cases: Callable[[Any], list[str]]     # cases present, from names only (cheap)
+  # case -> pathology group for stratified folds; None: from the SCD case names
+  groups: Callable[[Any], dict[str, str]] | None = None
 
 
 SOURCES = {
     'png': Source(png.load_source, png.source_files, png.source_cases),
     'dicom': Source(scd_dicom.load_source, scd_dicom.source_files, scd_dicom.source_cases),
+    'acdc': Source(acdc.load_source, acdc.source_files, acdc.source_cases, acdc.groups),
 }
 
 
@@ -48,7 +52,7 @@ def available_cases(data_config: Any) -> list[str]:
 
 def load_frames(data_config: Any, cases: Sequence[str] | None = None,
                 contoured_only: bool = True, report: LoadReport | None = None) -> list[Frame]:
-  """Loads the frames of the configured source (`config.data.source`: png | dicom).
+  """Loads the frames of the configured source (`config.data.source`: png | dicom | acdc).
 
   Args:
     data_config: `config.data`.

@@ -46,11 +46,13 @@ def _resolve_sets(names: Sequence[str] | str, available: set[str]) -> dict[str, 
   return resolved
 
 
-def kfold_assignments(cases: Sequence[str], num_folds: int, seed: int = 0) -> dict[str, int]:
+def kfold_assignments(cases: Sequence[str], num_folds: int, seed: int = 0,
+                      groups: dict[str, str] | None = None) -> dict[str, int]:
   """Patient-level folds: case -> fold in [0, num_folds).
 
-  Cases are shuffled (seeded) within their pathology group and dealt round-robin across
-  groups, so fold sizes differ by at most one and each fold gets a share of every group.
+  Cases are shuffled (seeded) within their pathology group (`groups[case]`, default the SCD
+  name's group) and dealt round-robin across groups, so fold sizes differ by at most one and
+  each fold gets a share of every group.
   """
   cases = sorted(set(cases))
   if num_folds < 2:
@@ -58,12 +60,12 @@ def kfold_assignments(cases: Sequence[str], num_folds: int, seed: int = 0) -> di
   if len(cases) < num_folds:
     raise ValueError(f'{len(cases)} case(s) cannot fill {num_folds} folds')
   rng = np.random.default_rng(seed)
-  groups = collections.defaultdict(list)
+  by_group = collections.defaultdict(list)
   for case in cases:
-    groups[case_group(case)].append(case)
+    by_group[groups[case] if groups else case_group(case)].append(case)
   assignment, position = {}, 0
-  for group in sorted(groups):
-    members = groups[group]
+  for group in sorted(by_group):
+    members = by_group[group]
     for k in rng.permutation(len(members)):
       assignment[members[k]] = position % num_folds
       position += 1
@@ -125,7 +127,8 @@ def _official_split(data_config: Any, available: set[str]) -> dict[str, list[str
   train_sets = _resolve_sets(data_config.train_sets, available)
   eval_sets = _resolve_sets(data_config.eval_sets, available)
   train = _present(data_config, train_sets, available, 'train')
-  evaluate = _present(data_config, eval_sets, available, 'eval')
+  # No eval sets: train on everything (a final model); nothing is evaluated.
+  evaluate = _present(data_config, eval_sets, available, 'eval') if eval_sets else []
   shared = sorted(set(train) & set(evaluate))
   if shared:
     raise ValueError(f'train_sets {list(train_sets)} and eval_sets {list(eval_sets)} share '
@@ -139,7 +142,9 @@ def _kfold_split(data_config: Any, available: set[str]) -> dict[str, list[str]]:
   num_folds, fold = int(data_config.num_folds), int(data_config.fold)
   if not 0 <= fold < num_folds:
     raise ValueError(f'fold must be in [0, {num_folds}), got {fold}')
-  folds = kfold_assignments(pool, num_folds, int(data_config.kfold_seed))
+  source = sources.get_source(data_config.source)
+  folds = kfold_assignments(pool, num_folds, int(data_config.kfold_seed),
+                            source.groups(data_config) if source.groups else None)
   result = {'train': [c for c in pool if folds[c] != fold],
             'eval': [c for c in pool if folds[c] == fold]}
   for k in range(num_folds):

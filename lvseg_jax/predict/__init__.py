@@ -1,11 +1,12 @@
 """Inference on new scans: masks, contours, overlays, NIfTI volumes, LV volumes and EF.
 
-  python main.py --mode=predict --config=configs/default.py --workdir=<trained run> \
-      --input=<DICOM series | tree of series | PNG folder> --output=<dir>
+  python main.py --mode=predict [--workdir=<trained run>] \
+      --input=<DICOM series | tree of series | NIfTI file or folder | PNG folder> --output=<dir>
 
 Modules, in the order a prediction flows through them:
-  * `inputs.find_series(input, config)`: the input folder -> `Series` (DICOM series via
-    `data.load_dicom_series`, PNG folders via `data.load_png_folder` or plain PNG files).
+  * `inputs.find_series(input, config)`: the input -> `Series` (DICOM series via
+    `data.load_dicom_series`, NIfTI volumes via `data.load_nifti_series`, PNG folders via
+    `data.load_png_folder` or plain PNG files).
   * `inference.predict_frames(model, variables, frames, config)`: the core, independent of
     checkpoints and files. Preprocesses with `data.preprocess_image` (the training path),
     runs a jitted forward pass in fixed-size batches (optionally test-time augmented: flips

@@ -43,6 +43,8 @@ class Prediction:
   uncertainty: np.ndarray | None   # (H, W) float32 variance of the LV probability across TTA
   epi_mask: np.ndarray | None = None      # (H, W) uint8 cavity + myocardium, filled
   epi_contour: np.ndarray | None = None   # (P, 2) epicardial contour
+  cut_by_window: bool = False   # the LV reaches an edge of the network window that lies inside
+                                # the frame (crop mode): part of it may be outside the window
 
   @property
   def myocardium(self) -> np.ndarray | None:
@@ -130,6 +132,15 @@ def _prediction(frame: data_lib.Frame, probs: np.ndarray, uncertainty: np.ndarra
                     uncertainty=uncertainty, epi_mask=epi_mask, epi_contour=epi_contour)
 
 
+def _cut_by_window(foreground: np.ndarray, geometry: data_lib.Geometry) -> bool:
+  """Whether (S, S) `foreground` touches a window edge beyond which the frame goes on."""
+  edges = []
+  for axis, (n, o) in enumerate(zip(geometry.scaled_shape, geometry.offset)):
+    first, last = np.take(foreground, 0, axis=axis), np.take(foreground, -1, axis=axis)
+    edges += [first.any() and o > 0, last.any() and o + geometry.size < n]
+  return bool(any(edges))
+
+
 class _Progress:
   """tqdm when installed, else a log line every 10% (long series take minutes on CPU)."""
 
@@ -203,7 +214,9 @@ def predict_frames(model, variables: dict[str, Any], frames: Sequence[data_lib.F
         if tta_mode != 'none':
           uncertainty = np.clip(geometry.invert(np.asarray(variance[i], np.float32),
                                                 labels=False), 0.0, None)
-        results.append(_prediction(frame, probs_o, uncertainty, config))
+        p = _prediction(frame, probs_o, uncertainty, config)
+        p.cut_by_window = _cut_by_window(np.argmax(probs[i], axis=-1) != 0, geometry)
+        results.append(p)
       progress.update(len(chunk))
   finally:
     progress.close()

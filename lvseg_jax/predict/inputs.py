@@ -1,5 +1,6 @@
-"""Input discovery: DICOM series (one per folder, a tree of them), PNG data sets and plain
-PNG folders, each loaded through the data package into a `Series`."""
+"""Input discovery: DICOM series (one per folder, a tree of them), NIfTI volumes (3D or 4D,
+one series each), PNG data sets and plain PNG folders, each loaded through the data package
+into a `Series`."""
 
 import collections
 import dataclasses
@@ -148,7 +149,12 @@ def _load_dicom(folder: str, config: ml_collections.ConfigDict,
   if expert_dir:
     count = data_lib.attach_contours(frames, expert_dir, config.data.contour, report,
                                      every_contour_has_a_frame=False)
-    logging.info('%s: %d frames with expert contours from %s', folder, count, expert_dir)
+    epi = 0
+    if config.data.myocardium:   # a three-class model: its epicardium is scored too
+      epi = data_lib.attach_contours(frames, expert_dir, 'o', report,
+                                     every_contour_has_a_frame=False, epicardium=True)
+    logging.info('%s: %d frames with expert contours (%d epicardial) from %s', folder, count,
+                 epi, expert_dir)
   nominal_frames = sum(f.spacing_source == 'nominal' for f in frames)
   if nominal_frames:
     warn(series_warnings, '%s: %d frame(s) without PixelSpacing; areas and volumes use the '
@@ -219,10 +225,12 @@ def find_series(input_path: str, config: ml_collections.ConfigDict,
   """
   if not input_path or not os.path.exists(input_path):
     raise PredictError(f'{input_path!r}: input does not exist')
-  if not os.path.isdir(input_path):
-    raise PredictError(f'{input_path}: input must be a folder (a DICOM series, a tree of '
-                       'series, or a folder of PNG images), not a file')
+  if not os.path.isdir(input_path) and not data_lib.is_nifti(input_path):
+    raise PredictError(f'{input_path}: input must be a NIfTI file (.nii, .nii.gz) or a folder '
+                       '(a DICOM series, a tree of series, NIfTI files or PNG images)')
   report = report if report is not None else data_lib.LoadReport(config.predict.on_error)
+  if not os.path.isdir(input_path):
+    return _named(_nifti_series([input_path], report))
   contour_dir, sheet = _contour_source(config)
   table_path = data_lib.spacing_table_path(config.data)
   table = data_lib.read_spacing_table(table_path) if table_path else {}
@@ -238,6 +246,8 @@ def find_series(input_path: str, config: ml_collections.ConfigDict,
       series += _png_series(dirpath, frames)
       # Its images/ and *_labels/ folders are part of this data set, not more series.
       dirnames[:] = [d for d in dirnames if d != 'images' and not d.endswith('_labels')]
+    series += _nifti_series([os.path.join(dirpath, n) for n in names if data_lib.is_nifti(n)],
+                            report)
     if _is_dicom_folder(dirpath, names):
       loaded = _load_dicom(dirpath, config, report, contour_dir, sheet)
       if loaded is not None:
@@ -256,13 +266,33 @@ def find_series(input_path: str, config: ml_collections.ConfigDict,
            ', ...' if len(constant) > 5 else '')
   if not series:
     raise PredictError(f'{input_path}: no DICOM series (*.dcm or DICOM files without an '
-                       'extension) and no PNG images found' +
+                       'extension), NIfTI volumes or PNG images found' +
                        (f' ({len(report.skipped)} unreadable file(s) skipped)'
                         if report.skipped else ''))
-  # Unique, readable output names: <case>_<series folder>.
+  return _named(series)
+
+
+def _nifti_series(paths: Sequence[str], report: data_lib.LoadReport) -> list[Series]:
+  """One series per NIfTI volume; ACDC-style label volumes (`*_gt.nii[.gz]`) are not images."""
+  out = []
+  for path in paths:
+    if data_lib.nifti.case_name(path).endswith('_gt'):
+      logging.info('%s: a label volume (*_gt), not an image: not predicted', path)
+      continue
+    try:
+      frames = data_lib.load_nifti_series(path)
+    except data_lib.DataError as e:
+      report.problem(e.path, e.problem)
+      continue
+    out.append(Series(name='', kind='nifti', folder=path, frames=frames, case=frames[0].case))
+  return out
+
+
+def _named(series: list[Series]) -> list[Series]:
+  """Gives each series a unique, readable output name: <case>_<series folder>."""
   used: collections.Counter = collections.Counter()
   for s in series:
-    base = os.path.basename(os.path.normpath(s.folder))
+    base = '' if s.kind == 'nifti' else os.path.basename(os.path.normpath(s.folder))
     name = s.case if base in (s.case, '') else f'{s.case}_{base}'
     name = re.sub(r'[^A-Za-z0-9._-]+', '_', name)
     used[name] += 1

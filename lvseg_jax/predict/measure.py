@@ -244,6 +244,13 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
       areas=config.predict.areas, contour_inset_px=float(config.data.mask_outset_px),
       tta=(config.predict.tta_transforms if config.predict.tta else 'none'),
       frames=rows)
+  cut = [p.frame.frame_id for p in predictions if p.cut_by_window]
+  if cut:
+    notes.append(f'{len(cut)} frame(s) ({", ".join(cut[:5])}{", ..." if len(cut) > 5 else ""}): '
+                 f'the LV reaches the edge of the central {config.data.image_size}-pixel window '
+                 "the model sees (data.resize_mode='crop'), so part of it may lie outside; "
+                 'check the overlays')
+    logging.warning('%s: %s', series.name or series.folder, notes[-1])
   if not has_grid(frames):
     notes.append('frames have no slice/phase information: areas per frame only, no volumes')
     summary.update(num_slices=None, num_phases=None, volumes=None, expert=None,

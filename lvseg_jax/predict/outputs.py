@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 import numpy as np
 
+import lvseg_jax
 from lvseg_jax import data as data_lib
 from lvseg_jax import export
 from lvseg_jax import results as results_lib
@@ -82,6 +83,35 @@ def write_nifti_volumes(series: Series, predictions: Sequence[Prediction], folde
         _nifti_stack(frames, [f.image for f in frames], order, dtype)), affine, time_step)
     paths['nifti_image'] = image_path
   return paths
+
+
+def write_dicom_segs(series: Series, predictions: Sequence[Prediction], folder: str,
+                     summary: dict[str, Any], config: ml_collections.ConfigDict
+                     ) -> dict[str, Any]:
+  """`dicom_seg/phaseTT.dcm`: one DICOM SEG per phase, one series for the cine (DICOM input
+  only); returns what was written."""
+  if series.kind != 'dicom':
+    warn(summary['warnings'], '%s: not a DICOM series; no DICOM SEG written', series.name)
+    return {}
+  from lvseg_jax import dicom_seg  # pylint: disable=g-import-not-at-top  # highdicom on demand
+  import highdicom as hd  # pylint: disable=g-import-not-at-top
+  by_phase = collections.defaultdict(list)
+  for p in predictions:
+    by_phase[p.frame.phase_index or 0].append(p)
+  series_uid, notes, files = hd.UID(), set(), []
+  for number, (phase, group) in enumerate(sorted(by_phase.items()), start=1):
+    group.sort(key=lambda p: (p.frame.slice_index or 0, p.frame.instance))
+    path = os.path.join(folder, 'dicom_seg', f'phase{phase:02d}.dcm')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    notes.update(dicom_seg.write_dicom_seg(
+        path, [p.frame.source_path for p in group], [label_map(p) for p in group],
+        int(config.model.num_classes), series_uid, number,
+        f'{config.model.name}-{config.model.num_classes}class', lvseg_jax.__version__))
+    files.append(os.path.relpath(path, folder))
+  if notes:
+    warn(summary['warnings'], '%s: DICOM SEG: source attributes the SEG cannot take were fixed '
+         'in its copy: %s', series.name, ', '.join(sorted(notes)[:6]))
+  return {'dicom_seg': dict(folder='dicom_seg', count=len(files), series_uid=str(series_uid))}
 
 
 FRAME_COLUMNS = ('frame_id', 'instance', 'slice_index', 'phase_index', 'slice_location',
@@ -191,6 +221,8 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
   if config.predict.save_nifti:
     outputs.update(write_nifti_volumes(series, predictions, folder, summary,
                                        bool(config.predict.nifti_image)))
+  if config.predict.save_dicom_seg:
+    outputs.update(write_dicom_segs(series, predictions, folder, summary, config))
   _write_csv(os.path.join(folder, 'frames.csv'), FRAME_COLUMNS, summary['frames'])
   outputs['frames_csv'] = 'frames.csv'
   if summary.get('areas_mm2') is not None and volumes:

@@ -3,7 +3,7 @@ measure -> write, each stage once per series."""
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import ml_collections
@@ -73,24 +73,36 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
                               input=os.path.abspath(input_path)), skipped=report.skipped)
 
 
-def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
-               config: ml_collections.ConfigDict, output: str,
-               meta: dict[str, Any] | None = None,
-               skipped: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
-  """Predicts, measures and writes every series, then the top-level summary files (which
-  list the `skipped` input files)."""
-  os.makedirs(output, exist_ok=True)
+def segment_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
+                   config: ml_collections.ConfigDict
+                   ) -> Iterator[tuple[inputs.Series, list[inference.Prediction], dict[str, Any],
+                                       float]]:
+  """(series, its predictions, `measure.summarize_series`, start time) for each series, with
+  one compiled forward pass for all of them."""
   tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
-  forward = inference.make_forward_fn(model, tta_mode)   # one compilation for every series
-  overlay_writer = export.OverlayWriter()
-  summaries = []
+  forward = inference.make_forward_fn(model, tta_mode)
   for s in series:
     start = time.time()
     predictions = inference.predict_frames(model, variables, s.frames, config,
                                            forward_fn=forward, desc=s.name)
-    summary = measure.summarize_series(s, predictions, config)
+    yield s, predictions, measure.summarize_series(s, predictions, config), start
+
+
+def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
+               config: ml_collections.ConfigDict, output: str,
+               meta: dict[str, Any] | None = None,
+               skipped: Sequence[tuple[str, str]] = (), collect: list | None = None
+               ) -> list[dict[str, Any]]:
+  """Predicts, measures and writes every series, then the top-level summary files (which
+  list the `skipped` input files); appends (series, predictions, summary) to `collect`."""
+  os.makedirs(output, exist_ok=True)
+  overlay_writer = export.OverlayWriter()
+  summaries = []
+  for s, predictions, summary, start in segment_series(model, variables, series, config):
     outputs.write_series_outputs(s, predictions, summary, output, config, overlay_writer)
     summary['seconds'] = round(time.time() - start, 2)
+    if collect is not None:
+      collect.append((s, predictions, summary))
     volumes = summary.get('volumes')
     if volumes:
       mass = summary.get('lv_mass_g')
