@@ -101,11 +101,10 @@ class Segmenter:
                            spacing_source='given')
     (p,) = inference.predict_frames(self.model, self.variables, [frame], self.config,
                                     forward_fn=self._forward)
-    cavity, epicardium = measure.predicted_areas(p, self.config.predict.areas)
+    areas = measure.frame_areas([p], self.config.predict.areas)
     return Segmentation(
         labels=outputs.label_map(p), endocardium=p.contour, epicardium=p.epi_contour,
-        cavity_area_mm2=cavity,
-        myocardium_area_mm2=None if epicardium is None else max(epicardium - cavity, 0.0),
+        cavity_area_mm2=areas['cavity'][0], myocardium_area_mm2=areas['myocardium'][0],
         prediction=p)
 
   def segment_series(self, path: str, output: str | None = None) -> list[SeriesResult]:
@@ -116,8 +115,8 @@ class Segmenter:
     if output:
       results: list = []
       pipeline.run_series(self.model, self.variables, series, self.config, output,
-                          skipped=report.skipped, collect=results)
+                          skipped=report.skipped, collect=results, forward_fn=self._forward)
     else:
       results = [r[:3] for r in pipeline.segment_series(self.model, self.variables, series,
-                                                        self.config)]
+                                                        self.config, self._forward)]
     return [SeriesResult(*r) for r in results]

@@ -3,7 +3,7 @@ measure -> write, each stage once per series."""
 
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import ml_collections
@@ -74,13 +74,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
 
 
 def segment_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
-                   config: ml_collections.ConfigDict
+                   config: ml_collections.ConfigDict, forward_fn: Callable | None = None
                    ) -> Iterator[tuple[inputs.Series, list[inference.Prediction], dict[str, Any],
                                        float]]:
   """(series, its predictions, `measure.summarize_series`, start time) for each series, with
-  one compiled forward pass for all of them."""
+  one compiled forward pass for all of them (`forward_fn`, or one made here)."""
   tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
-  forward = inference.make_forward_fn(model, tta_mode)
+  forward = forward_fn or inference.make_forward_fn(model, tta_mode)
   for s in series:
     start = time.time()
     predictions = inference.predict_frames(model, variables, s.frames, config,
@@ -91,14 +91,15 @@ def segment_series(model, variables: dict[str, Any], series: Sequence[inputs.Ser
 def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
                config: ml_collections.ConfigDict, output: str,
                meta: dict[str, Any] | None = None,
-               skipped: Sequence[tuple[str, str]] = (), collect: list | None = None
-               ) -> list[dict[str, Any]]:
+               skipped: Sequence[tuple[str, str]] = (), collect: list | None = None,
+               forward_fn: Callable | None = None) -> list[dict[str, Any]]:
   """Predicts, measures and writes every series, then the top-level summary files (which
   list the `skipped` input files); appends (series, predictions, summary) to `collect`."""
   os.makedirs(output, exist_ok=True)
   overlay_writer = export.OverlayWriter()
   summaries = []
-  for s, predictions, summary, start in segment_series(model, variables, series, config):
+  for s, predictions, summary, start in segment_series(model, variables, series, config,
+                                                       forward_fn):
     outputs.write_series_outputs(s, predictions, summary, output, config, overlay_writer)
     summary['seconds'] = round(time.time() - start, 2)
     if collect is not None:
