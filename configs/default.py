@@ -146,6 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   pr.save_overlays = True            # overlays/IM-0001-NNNN.png
   pr.save_nifti = True               # <series>_mask.nii.gz with the DICOM geometry
   pr.nifti_image = True              # also <series>_image.nii.gz (the input intensities)
+  pr.write_workers = 0               # threads writing the per-frame files; 0 = one per CPU core
   pr.save_dicom_seg = False          # dicom_seg/phaseTT.dcm: DICOM SEG per phase (DICOM input)
   pr.contour_dir = ''                # expert contours for overlays and expert volumes: a folder
                                      # of IM-0001-NNNN-icontour-manual.txt or a CAP

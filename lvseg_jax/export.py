@@ -22,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from lvseg_jax import contours as contours_lib
 from lvseg_jax import metrics
@@ -108,43 +110,38 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
-def _closed(contour: np.ndarray) -> np.ndarray:
-  return np.concatenate([contour, contour[:1]], axis=0)
+# Overlay colours (RGB): predicted solid, expert dashed; endocardium red / green, epicardium
+# orange / cyan. Order = drawing order (the prediction is drawn over the expert).
+OVERLAY_STYLES = (('expert', (0, 255, 0), True), ('predicted', (255, 0, 0), False),
+                  ('expert epi', (0, 255, 255), True), ('predicted epi', (255, 165, 0), False))
+
+
+def _dashes(points: np.ndarray, on: float, off: float) -> list[np.ndarray]:
+  """Splits a polyline into dashes of arc length `on` separated by gaps of `off`."""
+  steps = np.hypot(*np.diff(points, axis=0).T)
+  length = np.concatenate([[0.0], np.cumsum(steps)])
+  dashes = []
+  for start in np.arange(0.0, length[-1], on + off):
+    stop = min(start + on, length[-1])
+    inner = points[(length > start) & (length < stop)]
+    ends = [np.array([np.interp(t, length, points[:, i]) for i in (0, 1)]) for t in (start, stop)]
+    dashes.append(np.vstack([ends[0], inner, ends[1]]))
+  return dashes
 
 
 class OverlayWriter:
   """Saves images with the predicted contours (endocardium red, epicardium orange) and the
-  expert's (green and cyan, dashed).
+  expert's (green and cyan, dashed), a title at the top left and a key at the bottom right.
 
-  One matplotlib figure per image size is built once and reused (only the pixels, lines and
-  title change), and the rendered buffer is saved with Pillow: about 5x faster than a new figure
-  per frame, which matters for 200+ frame cine series. Not thread-safe; use one per thread.
-  The figure has the image's own pixel size, so contour coordinates land on pixel centres.
+  Drawn with Pillow at `supersample` x the image size on a nearest-neighbour enlargement and
+  reduced by box averaging: the image pixels come back unchanged and lines and text are
+  anti-aliased. About 2 ms per 256 x 256 frame (a matplotlib figure took 20 ms, most of a
+  240-frame prediction's writing time). Contour (x, y) coordinates are pixel centres.
   """
 
-  def __init__(self, dpi: int = 100):
-    self.dpi = dpi
-    self._figures: dict[tuple[int, int], tuple] = {}
-
-  def _figure(self, shape: tuple[int, int]) -> tuple:
-    if shape not in self._figures:
-      height, width = shape
-      # A figure without pyplot: no global state, nothing left open.
-      fig = Figure(figsize=(width / self.dpi, height / self.dpi), dpi=self.dpi)
-      canvas = FigureCanvasAgg(fig)
-      ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-      im = ax.imshow(np.zeros(shape, np.float32), cmap='gray', interpolation='nearest')
-      lines = (
-          ax.plot([], [], color='lime', linewidth=1.0, linestyle='--', label='expert')[0],
-          ax.plot([], [], color='red', linewidth=1.0, label='predicted')[0],
-          ax.plot([], [], color='cyan', linewidth=1.0, linestyle='--', label='expert epi')[0],
-          ax.plot([], [], color='orange', linewidth=1.0, label='predicted epi')[0])
-      title = ax.text(2, 2, '', color='yellow', fontsize=6, va='top', ha='left')
-      ax.set_xlim(-0.5, width - 0.5)
-      ax.set_ylim(height - 0.5, -0.5)
-      ax.set_axis_off()
-      self._figures[shape] = (canvas, ax, im, lines, title)
-    return self._figures[shape]
+  def __init__(self, supersample: int = 4, font_px: int = 7):
+    self.supersample = supersample
+    self._font = ImageFont.load_default(size=font_px * supersample)
 
   def write(self, path: str, image: np.ndarray, pred_contour: np.ndarray | None,
             expert_contour: np.ndarray | None = None, title: str = '', *,
@@ -163,24 +160,33 @@ class OverlayWriter:
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
       raise ValueError(f'image must be (H, W), got shape {image.shape}')
-    canvas, ax, im, lines, text = self._figure(image.shape)
-    im.set_data(image)
-    im.set_clim(*_display_range(image))
-    for line, contour in zip(lines, (expert_contour, pred_contour, expert_epi, pred_epi)):
-      if contour is not None and len(contour) >= 3:
-        c = _closed(np.asarray(contour, dtype=np.float64))
-        line.set_data(c[:, 0], c[:, 1])
-        line.set_visible(True)
-      else:
-        line.set_data([], [])
-        line.set_visible(False)
-    # The legend lists only the contours drawn on this frame (ax.legend replaces the old one).
-    shown = [line for line in lines if line.get_visible()]
-    legend = ax.legend(handles=shown, loc='lower right', fontsize=5, framealpha=0.5)
-    legend.set_visible(bool(shown))
-    text.set_text(title)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    lo, hi = _display_range(image)
+    grey = np.round(np.clip((image - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+    s = self.supersample
+    canvas = Image.fromarray(grey, mode='L').convert('RGB')
+    canvas = canvas.resize((canvas.width * s, canvas.height * s), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(canvas)
+    shown = []
+    for (name, colour, dashed), contour in zip(
+        OVERLAY_STYLES, (expert_contour, pred_contour, expert_epi, pred_epi)):
+      if contour is None or len(contour) < 3:
+        continue
+      # Pixel centre (x, y) -> supersampled canvas coordinates.
+      points = (_closed(np.asarray(contour, np.float64)) + 0.5) * s - 0.5
+      for piece in _dashes(points, 4.0 * s, 3.0 * s) if dashed else [points]:
+        draw.line([tuple(p) for p in piece], fill=colour, width=s, joint='curve')
+      shown.append((name, colour))
+    if title:
+      draw.text((2 * s, 2 * s), title, fill=(255, 255, 0), font=self._font)
+    y = canvas.height - 2 * s
+    for name, colour in reversed(shown):
+      draw.text((canvas.width - 2 * s, y), name, fill=colour, font=self._font, anchor='rd')
+      y -= self._font.size + s
+    return np.asarray(canvas.reduce(s))
+
+
+def _closed(contour: np.ndarray) -> np.ndarray:
+  return np.concatenate([contour, contour[:1]], axis=0)
 
 
 def expert_outline(frame, epicardium: bool = False) -> np.ndarray | None:

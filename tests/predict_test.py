@@ -156,6 +156,80 @@ def test_postprocess_keeps_the_largest_component_and_fills_holes():
 # ------------------------------------------------------------------------------ writers
 
 
+def _blob_probabilities(shape, seed, centre, blobs):
+  """(H, W, 3) softmax maps: a ring of myocardium around a cavity with a hole at `centre` and,
+  with `blobs`, a stray cavity blob and one touching the left edge of the frame."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  r = np.hypot(yy - centre[0], xx - centre[1])
+  cavity = (r < 9) & (r > 2)                                     # a hole at its centre
+  if blobs:
+    cavity |= np.hypot(yy - 10, xx - 85) < 3                      # stray blob
+    cavity |= np.hypot(yy - 70, xx - 0) < 4                       # blob on the left edge
+  myocardium = (r >= 9) & (r < 14)
+  logits = rng.normal(0.0, 0.4, shape + (3,))
+  logits += 3.0 * np.stack([~(cavity | myocardium), cavity, myocardium], axis=-1)
+  return softmax_np(logits).astype(np.float32)
+
+
+@pytest.mark.parametrize('seed, centre, blobs', [
+    (0, (40.3, 51.7), True),     # the box spans the blobs
+    (1, (40.3, 51.7), False),    # the box is the ring's own, plus the margin
+    (2, (12.6, 80.2), False)])   # the ring is cut by the top edge: the frame clips the box
+def test_post_processing_on_the_foreground_box_equals_the_whole_frame(seed, centre, blobs):
+  """`_prediction` works on the box around the foreground; the oracle is the same
+  post-processing and sub-pixel contours computed on the whole frame."""
+  shape = (80, 96)
+  probs = _blob_probabilities(shape, seed, centre, blobs)
+  config = predict_config()
+  frame = data.Frame(case='c', frame_id='IM-0001-0001', instance=1,
+                     image=np.zeros(shape, np.float32), mask=None, contour=None,
+                     pixel_spacing=(1.0, 1.0), spacing_source='nominal')
+  p = inference._prediction(frame, probs, None, config)
+  labels = np.argmax(probs, axis=-1)
+  inset = float(config.data.mask_outset_px)
+  mask = predict.postprocess_mask(labels == 1)
+  contour = contours.offset_inward(metrics.probability_contour(
+      (1.0 + probs[..., 1] - np.maximum(probs[..., 0], probs[..., 2])) / 2.0, mask), inset)
+  epi = predict.postprocess_mask(labels != 0) | mask
+  epi_contour = contours.offset_inward(metrics.probability_contour(
+      (1.0 + np.maximum(probs[..., 1], probs[..., 2]) - probs[..., 0]) / 2.0, epi), inset)
+  assert mask.sum() > 100 and not mask[60:, :10].any()   # a blob was not taken for the LV
+  np.testing.assert_array_equal(p.mask, mask)
+  np.testing.assert_array_equal(p.epi_mask, epi)
+  # Same arithmetic on the same values, shifted by an integer offset: equal to rounding.
+  np.testing.assert_allclose(p.contour, contour, rtol=0, atol=1e-9)
+  np.testing.assert_allclose(p.epi_contour, epi_contour, rtol=0, atol=1e-9)
+  np.testing.assert_array_equal(p.probability, probs[..., 1])
+
+
+def test_overlay_draws_contours_over_the_windowed_image():
+  """The overlay keeps the image pixels (1-99 percentile window, grey) away from the lines;
+  the predicted contour is solid red, the expert's dashed green."""
+  rng = np.random.default_rng(0)
+  image = rng.uniform(100.0, 900.0, (64, 80)).astype(np.float32)
+  image[20:45, 20:60] = 0.0   # dark where the lines are, so their colour is unmixed
+  square = np.array([[25.0, 25.0], [55.0, 25.0], [55.0, 40.0], [25.0, 40.0]])  # (x, y)
+  expert = square + 3.0 * np.sign(square - square.mean(0))      # 3 px outside
+  rgb = export.OverlayWriter().render(image, square, expert, title='')
+  assert rgb.shape == (64, 80, 3) and rgb.dtype == np.uint8
+  lo, hi = np.percentile(image, [1.0, 99.0])
+  grey = np.round(np.clip((image - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+  far = np.ones(image.shape, bool)
+  far[15:50, 15:65] = False                    # the lines and their anti-aliasing
+  far[45:, 40:] = False                        # the key (bottom right)
+  for channel in range(3):
+    np.testing.assert_array_equal(rgb[..., channel][far], grey[far])
+  top_edge = rgb[25, 28:53]                    # predicted: solid, the full pixel row covered
+  assert (top_edge[:, 0] >= 250).all() and (top_edge[:, 1:] <= 5).all()
+  expert_edge = rgb[22, 25:56]                 # expert: dashes of 4 px with 3 px gaps
+  green = (expert_edge[:, 1] >= 200) & (expert_edge[:, 0] <= 60)
+  dark = expert_edge.max(axis=1) <= 60
+  assert 12 <= green.sum() <= 24 and dark.sum() >= 6, (green.sum(), dark.sum())
+  # Nothing drawn without contours or title: the windowed image itself.
+  np.testing.assert_array_equal(export.OverlayWriter().render(image, None)[..., 0], grey)
+
+
 def test_auto_contour_file_round_trip(tmp_path):
   y, x = np.mgrid[:64, :64]
   disk = ((x - 30.3) ** 2 + (y - 25.7) ** 2 <= 11.0 ** 2).astype(np.uint8)
@@ -472,6 +546,62 @@ def test_tree_of_series_and_png_data_set_layout(tmp_path, data_root):
       label = np.asarray(Image.open(os.path.join(meow, 'i_labels', os.path.basename(
           f.source_path))))
       np.testing.assert_array_equal(f.mask, label > 0)
+
+
+class _TraceCounter:
+  """A model whose `apply` counts how often it is traced (once per compilation of a jitted
+  forward pass that calls it)."""
+
+  def __init__(self, model):
+    self.model, self.traces = model, 0
+
+  def apply(self, *args, **kwargs):
+    self.traces += 1
+    return self.model.apply(*args, **kwargs)
+
+
+def _tree_files(root):
+  """{relative path: bytes} of the files under `root` but the summary.json files (they hold
+  the run's `write_workers` and timings)."""
+  files = {}
+  for path in glob.glob(os.path.join(root, '**', '*'), recursive=True):
+    if os.path.isfile(path) and not path.endswith('summary.json'):
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, root)] = f.read()
+  return files
+
+
+def test_a_tree_of_five_series_compiles_once_and_writes_the_same_with_any_workers(
+    tmp_path, data_root):
+  """Five series of 1 to 11 frames (full and padded batches) go through one jitted forward
+  pass, traced once; the per-frame files written by a thread pool are byte for byte those of
+  one writer thread."""
+  config = predict_config()
+  config.predict.progress = False
+  dicoms = sorted(glob.glob(os.path.join(data_root, 'SCD_IMAGES_01', SERIES[0], '*', '*.dcm')))
+  tree, start = tmp_path / 'tree', 0
+  for k, count in enumerate((1, 3, 8, 11, 2)):
+    (tree / f's{k}').mkdir(parents=True)
+    for path in dicoms[start:start + count]:
+      shutil.copy(path, tree / f's{k}')
+    start = (start + count) % (len(dicoms) - 11)
+  series = predict.find_series(str(tree), config)
+  assert sorted(len(s.frames) for s in series) == [1, 2, 3, 8, 11]
+  model = models.get_model(config.model)
+  variables = random_variables(model, seed=4)
+  counting = _TraceCounter(model)
+  outputs = {}
+  for workers in (1, 0):   # one thread; one per CPU core
+    config.predict.write_workers = workers
+    summaries = predict.run_series(counting, variables, series, config,
+                                   str(tmp_path / f'out{workers}'))
+    assert len(summaries) == 5
+    outputs[workers] = _tree_files(str(tmp_path / f'out{workers}'))
+    assert counting.traces == 1   # per run: five series, one compilation
+    counting.traces = 0
+  # NIfTI .gz headers hold no time stamp (nibabel writes mtime 0), so every file compares.
+  assert sorted(outputs[0]) == sorted(outputs[1]) and len(outputs[1]) > 5 * 5
+  assert all(outputs[0][name] == outputs[1][name] for name in outputs[1])
 
 
 # ------------------------------------------------------------------- a full 20-phase cine

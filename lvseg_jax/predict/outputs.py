@@ -2,10 +2,12 @@
 frames.csv, volumes.csv, the volume curve and summary.json; and the top-level summary."""
 
 import collections
+from concurrent import futures
 import csv
 import json
 import math
 import os
+import threading
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -171,56 +173,76 @@ def series_row(summary: dict[str, Any]) -> dict[str, Any]:
             else ''))
 
 
+def _write_frame_files(p: Prediction, row: dict[str, Any], folder: str,
+                       config: ml_collections.ConfigDict,
+                       overlay_writer: export.OverlayWriter) -> collections.Counter:
+  """The per-frame files of one prediction (mask, contours, overlay, uncertainty); records the
+  contour files in `row`; returns how many files of each kind it wrote."""
+  f, counts = p.frame, collections.Counter()
+  if config.predict.save_masks:
+    export.write_mask_png(os.path.join(folder, 'masks', f'{f.frame_id}.png'), p.mask,
+                          p.myocardium)
+    counts['masks'] += 1
+  if config.predict.save_contours:
+    for kind, contour in (('i', p.contour), ('o', p.epi_contour)):
+      path = (export.write_auto_contour(os.path.join(folder, 'contours'), f.instance, contour,
+                                        kind) if contour is not None else None)
+      row[f'auto_{kind}contour'] = os.path.relpath(path, folder) if path else None
+      counts['contours'] += path is not None
+  if config.predict.save_overlays:
+    label = [f.frame_id]
+    if f.slice_index is not None:
+      label.append(f'slice {f.slice_index} phase {f.phase_index}')
+    label.append('ED' if row['is_ed'] else 'ES' if row['is_es'] else '')
+    overlay_writer.write(os.path.join(folder, 'overlays', f'{f.frame_id}.png'), f.image,
+                         p.contour, export.expert_outline(f),
+                         title='  '.join(s for s in label if s), pred_epi=p.epi_contour,
+                         expert_epi=export.expert_outline(f, epicardium=True))
+    counts['overlays'] += 1
+  if p.uncertainty is not None:
+    export.write_uncertainty_png(os.path.join(folder, 'uncertainty', f'{f.frame_id}.png'),
+                                 p.uncertainty)
+    counts['uncertainty'] += 1
+  return counts
+
+
 def write_series_outputs(series: Series, predictions: Sequence[Prediction],
                          summary: dict[str, Any], output: str,
-                         config: ml_collections.ConfigDict,
-                         overlay_writer: export.OverlayWriter | None = None) -> None:
+                         config: ml_collections.ConfigDict) -> None:
   """Writes every output of one series under `output/<series.name>/`.
 
   Adds to `summary` (from `measure.summarize_series`) what was written and each frame's ED/ES
-  flags, and saves it as the series' summary.json.
+  flags, and saves it as the series' summary.json. The per-frame files are written by
+  `config.predict.write_workers` threads (PNG and gzip encoding release the GIL).
   """
   folder = os.path.join(output, series.name)
   os.makedirs(folder, exist_ok=True)
   volumes = summary.get('volumes') or {}
   ed, es = volumes.get('ed_phase'), volumes.get('es_phase')
   outputs: dict[str, Any] = {}
-  overlay_writer = overlay_writer or export.OverlayWriter()
-  counts = collections.Counter()
   for p, row in zip(predictions, summary['frames']):
-    f = p.frame
-    row['is_ed'] = ed is not None and f.phase_index == ed
-    row['is_es'] = es is not None and f.phase_index == es
-    if config.predict.save_masks:
-      export.write_mask_png(os.path.join(folder, 'masks', f'{f.frame_id}.png'), p.mask,
-                            p.myocardium)
-      counts['masks'] += 1
-    if config.predict.save_contours:
-      for kind, contour in (('i', p.contour), ('o', p.epi_contour)):
-        path = (export.write_auto_contour(os.path.join(folder, 'contours'), f.instance, contour,
-                                          kind) if contour is not None else None)
-        row[f'auto_{kind}contour'] = os.path.relpath(path, folder) if path else None
-        counts['contours'] += path is not None
-    if config.predict.save_overlays:
-      label = [f.frame_id]
-      if f.slice_index is not None:
-        label.append(f'slice {f.slice_index} phase {f.phase_index}')
-      label.append('ED' if row['is_ed'] else 'ES' if row['is_es'] else '')
-      overlay_writer.write(os.path.join(folder, 'overlays', f'{f.frame_id}.png'), f.image,
-                           p.contour, export.expert_outline(f),
-                           title='  '.join(s for s in label if s), pred_epi=p.epi_contour,
-                           expert_epi=export.expert_outline(f, epicardium=True))
-      counts['overlays'] += 1
-    if p.uncertainty is not None:
-      export.write_uncertainty_png(os.path.join(folder, 'uncertainty', f'{f.frame_id}.png'),
-                                   p.uncertainty)
-      counts['uncertainty'] += 1
+    row['is_ed'] = ed is not None and p.frame.phase_index == ed
+    row['is_es'] = es is not None and p.frame.phase_index == es
+  local = threading.local()   # one overlay writer per thread (its font is not shared)
+
+  def write_frame(p: Prediction, row: dict[str, Any]) -> collections.Counter:
+    if not hasattr(local, 'overlay_writer'):
+      local.overlay_writer = export.OverlayWriter()
+    return _write_frame_files(p, row, folder, config, local.overlay_writer)
+
+  workers = int(config.predict.write_workers) or os.cpu_count() or 1
+  counts = collections.Counter()
+  with futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    # The volumes (gzip, the longest single job) go first, beside the per-frame files.
+    nifti = (pool.submit(write_nifti_volumes, series, predictions, folder, summary,
+                         bool(config.predict.nifti_image)) if config.predict.save_nifti else None)
+    for done in pool.map(write_frame, predictions, summary['frames']):
+      counts.update(done)
+    if nifti is not None:
+      outputs.update(nifti.result())
   for kind in ('masks', 'contours', 'overlays', 'uncertainty'):
     if counts[kind] or kind in ('masks', 'contours', 'overlays') and config.predict[f'save_{kind}']:
       outputs[kind] = dict(folder=kind, count=counts[kind])
-  if config.predict.save_nifti:
-    outputs.update(write_nifti_volumes(series, predictions, folder, summary,
-                                       bool(config.predict.nifti_image)))
   if config.predict.save_dicom_seg:
     outputs.update(write_dicom_segs(series, predictions, folder, summary, config))
   _write_csv(os.path.join(folder, 'frames.csv'), FRAME_COLUMNS, summary['frames'])

@@ -11,7 +11,6 @@ import ml_collections
 from lvseg_jax import checkpointing
 from lvseg_jax import config_check
 from lvseg_jax import data as data_lib
-from lvseg_jax import export
 from lvseg_jax import models
 from lvseg_jax.predict import inference
 from lvseg_jax.predict import inputs
@@ -96,11 +95,10 @@ def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series]
   """Predicts, measures and writes every series, then the top-level summary files (which
   list the `skipped` input files); appends (series, predictions, summary) to `collect`."""
   os.makedirs(output, exist_ok=True)
-  overlay_writer = export.OverlayWriter()
   summaries = []
   for s, predictions, summary, start in segment_series(model, variables, series, config,
                                                        forward_fn):
-    outputs.write_series_outputs(s, predictions, summary, output, config, overlay_writer)
+    outputs.write_series_outputs(s, predictions, summary, output, config)
     summary['seconds'] = round(time.time() - start, 2)
     if collect is not None:
       collect.append((s, predictions, summary))
