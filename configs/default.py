@@ -38,10 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
   data.root = DEFAULT_DATA_ROOT
-  data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout) | acdc (NIfTI)
+  data.source = 'png'          # png (derived_png_meow2) | dicom (CAP layout) | acdc (NIfTI) |
+                               # nifti (image and label folders, nnU-Net's raw layout)
   data.png_dir = 'derived_png_meow2'
+  data.nifti_images = 'imagesTr'  # nifti: image volumes (3D or 4D), under data.root
+  data.nifti_labels = 'labelsTr'  # nifti: label volumes named like the images (less _0000)
+  data.case_regex = ''         # nifti: a volume's patient = the regex's first group on its name
+                               # ('' = the name), e.g. '(patient\d+)_frame' for ACDC as nnU-Net has it
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
-  data.labels = ml_collections.ConfigDict(dict(  # label values of label volumes (acdc)
+  data.labels = ml_collections.ConfigDict(dict(  # label values of label volumes (acdc, nifti)
       cavity=3, myocardium=2))                   # ACDC: 1 RV, 2 myocardium, 3 LV cavity
   data.myocardium = False      # also the epicardium (o_labels / ocontour): 3 classes, partial labels
   data.mask_outset_px = 0.5    # how far a training mask's outline lies outside the expert polygon:

@@ -10,6 +10,7 @@ import pytest
 from lvseg_jax import data
 from lvseg_jax import export
 from lvseg_jax import train
+from conftest import assert_frames_match_scd
 
 # SCD case -> (ACDC patient, pathology group written to its Info.cfg).
 CASES = {'SC-HF-I-01': ('patient001', 'DCM'), 'SC-HF-I-02': ('patient002', 'HCM'),
@@ -73,22 +74,7 @@ def test_acdc_frames_are_the_expert_slices_with_their_labels(acdc_tree):
   root, expected = acdc_tree
   config = _acdc_config(root)
   assert data.available_cases(config) == sorted(expected)
-  frames = data.load_frames(config)
-  for patient, phases in expected.items():
-    for phase, scd_frames in phases.items():
-      contoured = [f for f in scd_frames if f.mask is not None and f.mask.any()]
-      got = [f for f in frames if f.case == patient and f.phase_index == phase]
-      assert len(got) == len(contoured) > 0
-      by_slice = {f.slice_index: f for f in scd_frames}
-      for f in got:
-        scd = by_slice[f.slice_index]
-        np.testing.assert_array_equal(f.image, scd.image)
-        np.testing.assert_array_equal(f.mask, scd.mask)
-        if scd.epi_mask is not None:   # label volumes hold cavity and myocardium: their union
-          np.testing.assert_array_equal(f.epi_mask, scd.epi_mask | scd.mask)
-        # Spacing through the float32 NIfTI header: 2^-24 relative.
-        np.testing.assert_allclose(f.pixel_spacing, scd.pixel_spacing, rtol=1e-6)
-        assert f.spacing_between_slices == pytest.approx(10.0)
+  assert_frames_match_scd(data.load_frames(config), expected)
 
 
 def test_folds_are_stratified_by_the_info_cfg_group(acdc_tree):

@@ -12,6 +12,7 @@ os.environ['XLA_FLAGS'] = ' '.join(filter(None, (os.environ.get('XLA_FLAGS', '')
                                                  '--xla_force_host_platform_device_count=8')))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +85,23 @@ def smoke_copy(smoke_run, tmp_path):
   target = str(tmp_path / 'smoke_copy')
   shutil.copytree(workdir, target)
   return copy.deepcopy(config), target
+
+
+def assert_frames_match_scd(frames, expected):
+  """Frames loaded from NIfTI volumes made of SCD frames (`expected`: {case: {phase: SCD frames
+  by slice}}) are the contoured SCD frames: image, cavity and epicardium masks, spacing."""
+  for case, phases in expected.items():
+    for phase, scd_frames in phases.items():
+      contoured = [f for f in scd_frames if f.mask is not None and f.mask.any()]
+      got = [f for f in frames if f.case == case and f.phase_index == phase]
+      assert len(got) == len(contoured) > 0, (case, phase)
+      by_slice = {f.slice_index: f for f in scd_frames}
+      for f in got:
+        scd = by_slice[f.slice_index]
+        np.testing.assert_array_equal(f.image, scd.image)
+        np.testing.assert_array_equal(f.mask, scd.mask)
+        if scd.epi_mask is not None:   # label volumes hold cavity and myocardium: their union
+          np.testing.assert_array_equal(f.epi_mask, scd.epi_mask | scd.mask)
+        # Spacing through the float32 NIfTI header: 2^-24 relative.
+        np.testing.assert_allclose(f.pixel_spacing, scd.pixel_spacing, rtol=1e-6)
+        assert f.spacing_between_slices == pytest.approx(10.0)

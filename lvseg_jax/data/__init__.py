@@ -10,14 +10,14 @@ Bad input raises `DataError` naming the file and the problem, or with `on_error=
 logged, left out, and counted in the `LoadReport` summary. Nothing is dropped silently.
 
 Modules: `records` (Frame, errors), `scd_dicom`, `png`, `nifti` (3D / 4D volumes, predict
-input), `sources` (`load_frames`), `splits`,
-`preprocess` (`Geometry`), `dataset` (`Dataset`, cache, `load_datasets`).
+input), `acdc` and `nifti_folders` (NIfTI training layouts), `sources` (`load_frames`),
+`splits`, `preprocess` (`Geometry`), `dataset` (`Dataset`, cache, `load_datasets`).
 """
 
 from lvseg_jax.data.dataset import (CACHE_VERSION, Dataset, build_dataset, cache_key,
                                     load_cache, load_dataset, load_datasets, save_cache,
                                     write_split)
-from lvseg_jax.data.nifti import is_nifti, load_nifti_series
+from lvseg_jax.data.nifti import is_nifti, load_labelled_volume, load_nifti_series
 from lvseg_jax.data.png import (load_png_folder, parse_png_name, read_png, read_spacing_table,
                                 spacing_table_path, write_spacing_table)
 from lvseg_jax.data.preprocess import (BACKGROUND, BACKGROUND_OR_MYOCARDIUM, CAVITY, MYOCARDIUM,

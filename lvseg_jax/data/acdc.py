@@ -11,14 +11,13 @@ label `data.labels.cavity`, the epicardium the cavity and `data.labels.myocardiu
 Group stratifies the k-fold split.
 """
 
+import functools
 import os
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-
 from lvseg_jax.data import nifti
-from lvseg_jax.data.records import DataError, Frame, LoadReport, root_dir, walk_files
+from lvseg_jax.data.records import (DataError, Frame, LoadReport, load_cases, root_dir,
+                                    walk_files)
 
 
 def _patients(data_config: Any) -> dict[str, str]:
@@ -56,7 +55,6 @@ def groups(data_config: Any) -> dict[str, str]:
 
 def _load_patient(case: str, folder: str, data_config: Any) -> list[Frame]:
   info = read_info(os.path.join(folder, 'Info.cfg'))
-  cavity, myocardium = int(data_config.labels.cavity), int(data_config.labels.myocardium)
   frames = []
   for phase, key in enumerate(('ED', 'ES')):
     stem = os.path.join(folder, f'{case}_frame{int(info[key]):02d}')
@@ -64,19 +62,11 @@ def _load_patient(case: str, folder: str, data_config: Any) -> list[Frame]:
     for path in (image_path, label_path):
       if not os.path.exists(path):
         raise DataError(path, f'missing: Info.cfg names frame {info[key]} as {key}')
-    images = nifti.load_nifti_series(image_path)
-    labels = np.asarray(nib.load(label_path).dataobj)
-    if labels.shape[:3] != (images[0].shape[1], images[0].shape[0], len(images)):
-      raise DataError(label_path, f'label volume {labels.shape} does not match its image '
-                      f'volume ({images[0].shape[1]}, {images[0].shape[0]}, {len(images)})')
+    images = nifti.load_labelled_volume(image_path, label_path, data_config)
     for k, frame in enumerate(images):
-      label = labels[:, :, k].T
       frame.case, frame.phase_index = case, phase
       frame.frame_id = f'frame{int(info[key]):02d}-slice{k:02d}'
       frame.instance = phase * len(images) + k + 1
-      frame.mask = (label == cavity).astype(np.uint8)
-      if data_config.myocardium:
-        frame.epi_mask = np.isin(label, (cavity, myocardium)).astype(np.uint8)
       frames.append(frame)
   return frames
 
@@ -85,17 +75,8 @@ def load_source(data_config: Any, cases: set[str] | None, contoured_only: bool,
                 report: LoadReport) -> list[Frame]:
   """The ED and ES slices of every patient (`cases`: only those); slices without a cavity
   label are left out with `contoured_only` (as uncontoured SCD frames are)."""
-  frames = []
-  for case, folder in sorted(_patients(data_config).items()):
-    if cases is not None and case not in cases:
-      continue
-    try:
-      loaded = _load_patient(case, folder, data_config)
-    except DataError as e:
-      report.problem(e.path, e.problem)
-      continue
-    frames += [f for f in loaded if f.mask.any() or not contoured_only]
-  return frames
+  return load_cases(_patients(data_config), functools.partial(_load_patient, data_config=data_config), cases,
+                    contoured_only, report)
 
 
 def source_files(data_config: Any) -> list[str]:

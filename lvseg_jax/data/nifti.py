@@ -8,6 +8,7 @@ the DICOM series the volume came from.
 """
 
 import os
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -82,4 +83,32 @@ def load_nifti_series(path: str) -> list[Frame]:
           image_position=tuple(float(v) for v in position),
           image_orientation=tuple(float(v) for v in np.concatenate([row_cosines, col_cosines])),
           slice_position=float(np.dot(position, normal)), source_path=path))
+  return frames
+
+
+def load_labelled_volume(image_path: str, label_path: str, data_config: Any) -> list[Frame]:
+  """The frames of an image volume (`load_nifti_series`) with the masks of its label volume
+  (the same [x, y, slice(, time)] shape): the cavity is the label `data.labels.cavity`; with
+  `data.myocardium`, the epicardium is the cavity and `data.labels.myocardium`.
+
+  Raises:
+    DataError: an unreadable volume, or a label volume of another shape.
+  """
+  frames = load_nifti_series(image_path)
+  try:
+    labels = np.asarray(nib.load(label_path).dataobj)
+  except Exception as e:  # pylint: disable=broad-except  # nibabel raises many kinds
+    raise DataError(label_path, f'not a readable NIfTI file ({type(e).__name__}: {e})') from None
+  height, width = frames[0].shape
+  num_slices, num_phases = frames[-1].slice_index + 1, frames[-1].phase_index + 1
+  grid = labels if labels.ndim == 4 else labels[..., None]
+  if grid.shape != (width, height, num_slices, num_phases):
+    raise DataError(label_path, f'label volume {labels.shape} does not match its image volume '
+                    f'{(width, height, num_slices) + ((num_phases,) if num_phases > 1 else ())}')
+  cavity, myocardium = int(data_config.labels.cavity), int(data_config.labels.myocardium)
+  for frame in frames:
+    label = grid[:, :, frame.slice_index, frame.phase_index].T
+    frame.mask = (label == cavity).astype(np.uint8)
+    if data_config.myocardium:
+      frame.epi_mask = np.isin(label, (cavity, myocardium)).astype(np.uint8)
   return frames

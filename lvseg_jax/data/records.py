@@ -3,7 +3,7 @@
 import dataclasses
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import numpy as np
@@ -95,6 +95,24 @@ class LoadReport:
     if self.skipped:
       logging.warning('Skipped %d item(s) while loading %s (on_error=skip); see the warnings '
                       'above. First: %s: %s', len(self.skipped), what, *self.skipped[0])
+
+
+def load_cases(found: dict[str, Any], load_case: Callable[[str, Any], list['Frame']],
+               cases: set[str] | None, contoured_only: bool, report: LoadReport) -> list['Frame']:
+  """`load_case(case, found[case])` for every case found (`cases`: only those); a case that
+  raises `DataError` goes to `report`; frames without a cavity are left out with
+  `contoured_only`. The loop of the volume layouts (acdc, nifti)."""
+  frames = []
+  for case, where in sorted(found.items()):
+    if cases is not None and case not in cases:
+      continue
+    try:
+      loaded = load_case(case, where)
+    except DataError as e:
+      report.problem(e.path, e.problem)
+      continue
+    frames += [f for f in loaded if f.mask.any() or not contoured_only]
+  return frames
 
 
 def normalize_case_id(name: str) -> str:

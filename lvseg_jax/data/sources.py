@@ -1,4 +1,4 @@
-"""The source registry (png | dicom | acdc) and `load_frames`, the one way frames are loaded."""
+"""The source registry (png | dicom | acdc | nifti) and `load_frames`, the one way frames are loaded."""
 
 import os
 from typing import Any, Callable, NamedTuple, Sequence
@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from absl import logging
 
 from lvseg_jax.data import acdc
+from lvseg_jax.data import nifti_folders
 from lvseg_jax.data import png
 from lvseg_jax.data import scd_dicom
 from lvseg_jax.data.records import DataError, Frame, LoadReport, normalize_case_id, root_dir
@@ -23,6 +24,8 @@ SOURCES = {
     'png': Source(png.load_source, png.source_files, png.source_cases),
     'dicom': Source(scd_dicom.load_source, scd_dicom.source_files, scd_dicom.source_cases),
     'acdc': Source(acdc.load_source, acdc.source_files, acdc.source_cases, acdc.groups),
+    'nifti': Source(nifti_folders.load_source, nifti_folders.source_files,
+                    nifti_folders.source_cases, nifti_folders.groups),
 }
 
 
@@ -52,7 +55,7 @@ def available_cases(data_config: Any) -> list[str]:
 
 def load_frames(data_config: Any, cases: Sequence[str] | None = None,
                 contoured_only: bool = True, report: LoadReport | None = None) -> list[Frame]:
-  """Loads the frames of the configured source (`config.data.source`: png | dicom | acdc).
+  """Loads the frames of the configured source (`config.data.source`: png | dicom | acdc | nifti).
 
   Args:
     data_config: `config.data`.
