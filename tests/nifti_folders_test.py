@@ -9,6 +9,7 @@ import pytest
 
 from lvseg_jax import data
 from lvseg_jax import export
+from lvseg_jax import predict
 from lvseg_jax import train
 from conftest import assert_frames_match_scd
 
@@ -94,6 +95,14 @@ def test_folds_keep_the_volumes_of_a_patient_together(nifti_tree):
     assert not set(split['train']) & set(split['eval'])
     held_out += split['eval']
   assert sorted(held_out) == sorted(CASES.values())
+
+
+def test_predict_on_the_tree_takes_the_images_not_the_labels(nifti_tree):
+  root, _ = nifti_tree
+  from configs import default  # pylint: disable=g-import-not-at-top
+  found = predict.find_series(str(root), default.get_config())
+  images = sorted(p.name[:-len('.nii.gz')] for p in (root / 'imagesTr').iterdir())
+  assert len(images) == 7 and sorted(s.name for s in found) == images
 
 
 def test_training_and_evaluation_run_on_a_nifti_tree(nifti_tree, tiny_config, tmp_path):

@@ -246,8 +246,12 @@ def find_series(input_path: str, config: ml_collections.ConfigDict,
       series += _png_series(dirpath, frames)
       # Its images/ and *_labels/ folders are part of this data set, not more series.
       dirnames[:] = [d for d in dirnames if d != 'images' and not d.endswith('_labels')]
-    series += _nifti_series([os.path.join(dirpath, n) for n in names if data_lib.is_nifti(n)],
-                            report)
+    if os.path.basename(dirpath) == config.data.nifti_labels and dirpath != input_path:
+      # nnU-Net's labelsTr/ (`data.nifti_labels`) beside imagesTr/: label volumes, not images.
+      logging.info('%s: label volumes (data.nifti_labels), not images: not predicted', dirpath)
+    else:
+      series += _nifti_series([os.path.join(dirpath, n) for n in names
+                               if data_lib.is_nifti(n)], report)
     if _is_dicom_folder(dirpath, names):
       loaded = _load_dicom(dirpath, config, report, contour_dir, sheet)
       if loaded is not None:
