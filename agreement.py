@@ -4,7 +4,8 @@
       --grid='{"model.name": ["ibu"]}' --folds=0,1,2,3,4
   python agreement.py --workdir=runs/clinical_cv
 
-Each case is measured by the fold run that held it out (lvseg_jax.agreement). Writes
+Each case is measured by the fold run that held it out (lvseg_jax.agreement), and the contours
+predict writes are scored by the challenge protocol on the held-out frames. Writes
 `<workdir>/agreement.md`, `agreement.json` and `agreement_bland_altman.png`.
 """
 

@@ -14,7 +14,9 @@ Expert areas are the areas inside the expert masks' outlines moved in by the mas
 frames; the predictions go through the slice rules of `clinical.lv_measurements`.
 
 Reported per quantity: bias (mean difference), 95% limits of agreement (bias +- 1.96 SD),
-Pearson correlation, and a Bland-Altman plot.
+Pearson correlation, and a Bland-Altman plot. On the same held-out frames, the masks and
+sub-pixel contours predict writes (post-processed) are scored by the challenge protocol
+(`contour_accuracy`), beside `--mode=evaluate`'s outlines of the raw argmax masks.
 """
 
 import dataclasses
@@ -98,6 +100,59 @@ def measure_case(frames: Sequence[data_lib.Frame],
   return {'expert': expert, 'predicted': predicted, 'excluded': measured['excluded']}
 
 
+def contour_records(frames: Sequence[data_lib.Frame],
+                    predictions: Sequence[inference.Prediction], inset_px: float
+                    ) -> dict[str, list[dict[str, Any]]]:
+  """`results.evaluate` records of the masks and sub-pixel contours predict writes, per
+  contour kind. The expert contour is the polygon where there is one, else the expert mask's
+  outline moved in by the masks' outset: the convention the predicted contours follow."""
+  out: dict[str, list[dict[str, Any]]] = {'endocardium': [], 'epicardium': []}
+  for f, p in zip(frames, predictions):
+    for kind, expert_mask, polygon, mask, contour in (
+        ('endocardium', f.mask, f.contour, p.mask, p.contour),
+        ('epicardium', f.epi_mask, f.epi_contour, p.epi_mask, p.epi_contour)):
+      if expert_mask is None or mask is None:
+        continue
+      expert = polygon if polygon is not None else contours_lib.offset_inward(
+          metrics.mask_to_contour(expert_mask), inset_px)
+      out[kind].append(dict(case=f.case, frame_id=f.frame_id, pixel_spacing=f.pixel_spacing,
+                            spacing_source=f.spacing_source, pred_mask=mask,
+                            expert_mask=expert_mask, expert_contour=expert,
+                            pred_contour=contour))
+  return out
+
+
+def contour_accuracy(records_by_run: dict[str, dict[str, list[dict[str, Any]]]]
+                     ) -> dict[str, Any]:
+  """Challenge figures of predict's contours for each contour kind: per fold run (the
+  `evaluate.headline` numbers of its cases), mean and SD over the folds, and over all
+  held-out cases. Each frame is scored once (`results.evaluate` on all of them)."""
+  out: dict[str, Any] = {}
+  for kind in ('endocardium', 'epicardium'):
+    runs = {run: {r['case'] for r in records[kind]} for run, records in records_by_run.items()
+            if records[kind]}
+    if not runs:
+      continue
+    pooled = results_lib.evaluate([r for records in records_by_run.values()
+                                   for r in records[kind]])
+    per_case = pooled['per_case']
+    folds = {}
+    for run, cases in runs.items():
+      folds[run] = {'dice': results_lib.mean_std([f['dice'] for f in pooled['per_frame']
+                                                  if f['case'] in cases])['mean']}
+      for key, metric in (('good_pct', 'good_pct'), ('apd_mm', 'apd_good_mm'),
+                          ('dice_good', 'dice_good')):
+        folds[run][key] = results_lib.mean_std([per_case[c][metric] for c in cases])['mean']
+    out[kind] = {
+        'per_fold': folds,
+        'over_folds': {k: results_lib.mean_std([f[k] for f in folds.values()])
+                       for k in ('dice', 'good_pct', 'apd_mm', 'dice_good')},
+        'over_cases': {k: pooled['per_set']['mean_std_over_cases'][k]
+                       for k in ('good_pct', 'apd_good_mm', 'dice_good', 'dice_all')},
+        'per_image_dice': pooled['per_set']['per_image']['dice_all']}
+  return out
+
+
 def _fold_runs(cv_dir: str) -> list[str]:
   runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(cv_dir, '**', 'split.json'),
                                                       recursive=True))
@@ -125,8 +180,9 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
 
 
 def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str
-                  ) -> dict[str, dict[str, Any]]:
-  """Measures `cases` with the `checkpoint` of `run` on the `source` copy of the data."""
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+  """Measures `cases` with the `checkpoint` of `run` on the `source` copy of the data; also
+  returns the `contour_records` of their frames."""
   config, variables = checkpointing.load_for_inference(run, checkpoint)
   config.predict.tta = False
   config.predict.progress = False
@@ -135,7 +191,7 @@ def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str
   data_config.cache_dir = ''
   frames = data_lib.load_frames(data_config, cases=list(cases))
   model = models.get_model(config.model)
-  out = {}
+  out, records = {}, {'endocardium': [], 'epicardium': []}
   for case in cases:
     case_frames = _with_grid([f for f in frames if f.case == case])
     if not case_frames:
@@ -148,9 +204,12 @@ def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str
                                            desc=case)
     out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=run,
                      source=source, slice_spacing_mm=spacing, frames=len(case_frames))
+    for kind, kind_records in contour_records(case_frames, predictions,
+                                              float(config.data.mask_outset_px)).items():
+      records[kind] += kind_records
     logging.info('%s (%s, %s): %s', case, source, os.path.basename(run),
                  out[case].get('skipped') or 'measured')
-  return out
+  return out, records
 
 
 def agreement_stats(predicted: Sequence[float], expert: Sequence[float], relative: bool
@@ -233,6 +292,25 @@ def _markdown(result: dict[str, Any]) -> str:
       lines.append(f"| {case} | {os.path.basename(c['run'])} | " + ' | '.join(cells)
                    + f" | {len(c['excluded'])} |")
     lines.append('')
+  lines += ['## The contours predict writes (largest component, holes filled, sub-pixel), '
+            'challenge protocol on the held-out frames', '',
+            'Mean ± SD over the fold runs of their mean over cases (Dice per image: over '
+            'frames); then over all held-out cases. Expert: the polygon (DICOM), else the mask '
+            'outline moved in by the masks\' outset (PNG).', '',
+            '| data | contour | Dice per image | good % | APD over good (mm) | Dice over good | '
+            'over cases: good % / APD / Dice |', '|---|---|---:|---:|---:|---:|---:|']
+  for source, kinds in result.get('contours', {}).items():
+    for kind, c in kinds.items():
+      f, o = c['over_folds'], c['over_cases']
+      lines.append(
+          f"| {source} ({len(c['per_fold'])} folds) | {kind} | "
+          f"{f['dice']['mean']:.3f} ± {f['dice']['std']:.3f} | "
+          f"{f['good_pct']['mean']:.1f} ± {f['good_pct']['std']:.1f} | "
+          f"{f['apd_mm']['mean']:.2f} ± {f['apd_mm']['std']:.2f} | "
+          f"{f['dice_good']['mean']:.3f} ± {f['dice_good']['std']:.3f} | "
+          f"{o['good_pct']['mean']:.1f} / {o['apd_good_mm']['mean']:.2f} / "
+          f"{o['dice_good']['mean']:.3f} ({o['good_pct']['n']} cases) |")
+  lines.append('')
   return '\n'.join(lines)
 
 
@@ -250,16 +328,21 @@ def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'lat
   owner = held_out_cases(cv_dir)
   result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'checkpoint': checkpoint,
                             'cases': {}}
+  result['contours'] = {}
   for source in ('png', 'dicom'):
     cases: dict[str, dict[str, Any]] = {}
+    records = {}
     for run in sorted(set(owner.values())):
       mine = [c for c, r in owner.items() if r == run]
       try:
-        cases.update(_measure_with(run, mine, source, checkpoint))
+        measured, records[os.path.basename(run)] = _measure_with(run, mine, source, checkpoint)
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
         logging.info('%s (%s): %s', run, source, e)
+        continue
+      cases.update(measured)
     result['cases'][source] = cases
     result[source] = _table(cases, relative_volumes=(source == 'png'))
+    result['contours'][source] = contour_accuracy(records)
   os.makedirs(output, exist_ok=True)
   with open(os.path.join(output, 'agreement.json'), 'w') as f:
     json.dump(results_lib.to_jsonable(result), f, indent=1)

@@ -201,12 +201,6 @@ def expert_outline(frame, epicardium: bool = False) -> np.ndarray | None:
   return None
 
 
-def write_overlay_png(path: str, image: np.ndarray, pred_contour: np.ndarray | None,
-                      expert_contour: np.ndarray | None = None, title: str = '') -> None:
-  """One overlay (see `OverlayWriter`; use one writer for many frames)."""
-  OverlayWriter().write(path, image, pred_contour, expert_contour, title)
-
-
 def write_volume_curve_png(path: str, volumes_ml: Sequence[float | None],
                            expert_volumes_ml: Sequence[float | None] | None = None,
                            ed_phase: int | None = None, es_phase: int | None = None,

@@ -442,8 +442,8 @@ def hausdorff95_mm(a: np.ndarray, b: np.ndarray, pixel_spacing: float | Sequence
 
 def evaluate_frame(pred_mask: np.ndarray, expert_mask: np.ndarray,
                    pixel_spacing: float | Sequence[float], expert_contour: np.ndarray | None = None,
-                   spacing_source: str = 'dicom', good_apd_mm: float = GOOD_APD_MM
-                   ) -> dict[str, Any]:
+                   spacing_source: str = 'dicom', good_apd_mm: float = GOOD_APD_MM,
+                   auto_contour: np.ndarray | None = None) -> dict[str, Any]:
   """All per-frame metrics of one frame at its original resolution.
 
   Args:
@@ -455,6 +455,8 @@ def evaluate_frame(pred_mask: np.ndarray, expert_mask: np.ndarray,
       (`mask_to_contour`) is used.
     spacing_source: where the spacing came from ('dicom' | 'table' | 'nominal'); recorded.
     good_apd_mm: APD threshold of a good contour.
+    auto_contour: (P, 2) (x, y) automatic contour (e.g. predict's sub-pixel contour); default
+      the outline of `pred_mask` (`mask_to_contour`).
 
   Returns:
     dict with dice, apd_mm, mcd_mm, hd95_mm (NaN when undefined), detected, good,
@@ -469,7 +471,8 @@ def evaluate_frame(pred_mask: np.ndarray, expert_mask: np.ndarray,
   from_polygon = len(expert_c) > 0
   if not from_polygon:
     expert_c = mask_to_contour(expert)
-  auto_c = mask_to_contour(pred)
+  auto_c = mask_to_contour(pred) if auto_contour is None else _as_contour(auto_contour,
+                                                                          'auto_contour')
   detected = bool(pred.any())
 
   dist, method = perpendicular_distances_mm(auto_c, expert_c, spacing)

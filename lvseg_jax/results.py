@@ -85,8 +85,8 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
 
   Args:
     records: one dict per expert-contoured frame with keys case, frame_id, pred_mask,
-      expert_mask, pixel_spacing, and optional spacing_source (default 'dicom') and
-      expert_contour.
+      expert_mask, pixel_spacing, and optional spacing_source (default 'dicom'),
+      expert_contour and pred_contour (default: the outline of pred_mask).
     good_apd_mm: APD threshold of a good contour (challenge: 5 mm).
 
   Returns:
@@ -111,7 +111,8 @@ def evaluate(records: Sequence[dict[str, Any]], good_apd_mm: float = GOOD_APD_MM
     frame.update(metrics.evaluate_frame(r['pred_mask'], r['expert_mask'], r['pixel_spacing'],
                                         expert_contour=r.get('expert_contour'),
                                         spacing_source=r.get('spacing_source', 'dicom'),
-                                        good_apd_mm=good_apd_mm))
+                                        good_apd_mm=good_apd_mm,
+                                        auto_contour=r.get('pred_contour')))
     per_frame.append(frame)
     by_case.setdefault(frame['case'], []).append(frame)
 

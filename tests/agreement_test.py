@@ -11,7 +11,9 @@ from scipy import ndimage
 from configs import default
 from lvseg_jax import agreement
 from lvseg_jax import data
+from lvseg_jax import evaluate
 from lvseg_jax import metrics
+from lvseg_jax import results as results_lib
 from lvseg_jax import train
 from lvseg_jax.predict import inference
 
@@ -84,6 +86,34 @@ def test_held_out_cases_refuses_leaks_and_double_hold_outs(tmp_path):
     agreement.held_out_cases(str(tmp_path / 'empty'))
 
 
+def test_contour_accuracy_per_fold_is_each_folds_own_evaluation():
+  """Frames are scored once for all folds; each fold's figures must equal evaluating its
+  records alone (`evaluate.headline`), the SD over folds the spread of those."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:64, :64]
+  records = {'a': {'endocardium': [], 'epicardium': []},
+             'b': {'endocardium': [], 'epicardium': []}}
+  for run, cases in (('a', ['c1', 'c2']), ('b', ['c3'])):
+    for case in cases:
+      for k in range(3):
+        r, cx = 10 + rng.integers(-3, 8), 32 + rng.integers(-3, 3)
+        pred = (((xx - cx) ** 2 + (yy - 32) ** 2) < r * r).astype(np.uint8)
+        if rng.random() < 0.2:
+          pred[:] = 0   # undetected
+        records[run]['endocardium'].append(dict(
+            case=case, frame_id=str(k), pixel_spacing=(1.0, 1.0), pred_mask=pred,
+            expert_mask=(((xx - 32) ** 2 + (yy - 32) ** 2) < 100).astype(np.uint8)))
+  got = agreement.contour_accuracy(records)
+  assert set(got) == {'endocardium'}
+  for run in ('a', 'b'):
+    alone = evaluate.headline(results_lib.evaluate(records[run]['endocardium']))
+    for key, value in alone.items():
+      assert got['endocardium']['per_fold'][run][key] == pytest.approx(value, rel=1e-12)
+  spread = got['endocardium']['over_folds']['apd_mm']
+  assert spread['std'] == pytest.approx(np.std(
+      [got['endocardium']['per_fold'][r]['apd_mm'] for r in 'ab'], ddof=1))
+
+
 def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
   """Two tiny 3-class fold runs over the 30 cases; every case measured once, by its fold."""
   cv = tmp_path / 'cv'
@@ -114,3 +144,11 @@ def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
   assert result['png']['stats']['edv_ml']['n'] == len(complete) == 16
   for name in ('agreement.json', 'agreement.md', 'agreement_bland_altman.png'):
     assert os.path.exists(cv / name), name
+  # Predict's contours scored on every held-out contoured frame, per fold and over the cases.
+  endo, epi = (result['contours']['png'][k] for k in ('endocardium', 'epicardium'))
+  assert set(endo['per_fold']) == {'fold0', 'fold1'}
+  assert endo['per_image_dice']['n'] == len(frames) == 526
+  assert epi['per_image_dice']['n'] == sum(f.epi_mask is not None for f in frames)
+  assert endo['over_cases']['good_pct']['n'] == 30
+  assert endo['over_folds']['dice']['mean'] == pytest.approx(np.mean(
+      [endo['per_fold'][k]['dice'] for k in ('fold0', 'fold1')]))

@@ -400,6 +400,21 @@ def test_evaluate_frame_prefers_expert_polygon():
   assert from_poly['spacing_source'] == 'table' and from_poly['pixel_spacing_mm'] == [1.5, 1.5]
 
 
+def test_evaluate_frame_scores_a_given_automatic_contour():
+  """APD and the contour distances follow `auto_contour` (e.g. predict's sub-pixel one); Dice
+  stays on the masks. The expert polygon itself scores 0 mm; the outline of its rasterized
+  mask lies about half a pixel outside it."""
+  polygon = circle(50, 50, 20, 400)
+  mask = contours.polygon_to_mask(polygon, (100, 100))
+  exact = metrics.evaluate_frame(mask, mask, (1.5, 1.5), expert_contour=polygon,
+                                 auto_contour=polygon)
+  outline = metrics.evaluate_frame(mask, mask, (1.5, 1.5), expert_contour=polygon)
+  assert exact['apd_mm'] == pytest.approx(0.0, abs=1e-9)
+  assert exact['hd95_mm'] == pytest.approx(0.0, abs=1e-9)
+  assert 0.3 * 1.5 < outline['apd_mm'] < 0.8 * 1.5   # the rasterization's outset (0.55 px)
+  assert exact['dice'] == outline['dice'] == 1.0 and exact['n_auto_points'] == 400
+
+
 def test_evaluate_frame_undetected():
   expert = disk_mask((64, 64), 30, 30, 12)
   frame = metrics.evaluate_frame(np.zeros_like(expert), expert, (1.0, 1.0))
