@@ -1,7 +1,7 @@
 """The `nifti` source (image and label folders, nnU-Net's raw layout), on volumes made here
 from SCD DICOM cases with the expert contours."""
 
-import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +10,6 @@ import pytest
 from lvseg_jax import data
 from lvseg_jax import export
 from lvseg_jax import predict
-from lvseg_jax import train
 from conftest import assert_frames_match_scd
 
 # SCD case -> patient name; the last one is written as one 4D volume, without a channel suffix.
@@ -105,17 +104,25 @@ def test_predict_on_the_tree_takes_the_images_not_the_labels(nifti_tree):
   assert len(images) == 7 and sorted(s.name for s in found) == images
 
 
-def test_training_and_evaluation_run_on_a_nifti_tree(nifti_tree, tiny_config, tmp_path):
-  root, _ = nifti_tree
-  config = tiny_config(num_steps=2, batch_size=8, checkpoint_every_steps=100, num_overlays=1)
+def test_datasets_split_patients_and_the_cache_follows_case_regex(nifti_tree, tmp_path):
+  """Train and eval datasets hold whole patients; the frame cache is keyed by case_regex, so
+  regrouping the volumes never reads another grouping's cache."""
+  root, expected = nifti_tree
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
   config.data = _config(root)
-  config.data.image_size, config.model.num_classes = 32, 3
+  config.data.cache_dir, config.data.image_size = str(tmp_path / 'cache'), 32
   config.data.split, config.data.kfold_sets, config.data.num_folds = 'kfold', ('all',), 2
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  with open(tmp_path / 'run' / 'split.json') as f:
-    split = json.load(f)
-  assert sorted(split['train_cases'] + split['eval_cases']) == sorted(CASES.values())
-  assert results['epicardium']['per_set']['per_image']['n_frames'] > 0
+  contoured = sum(f.mask is not None and f.mask.any() for phases in expected.values()
+                  for frames in phases.values() for f in frames)
+  for _ in range(2):   # the second time from the cache
+    train_ds, eval_ds = data.load_datasets(config)
+    assert sorted(train_ds.cases + eval_ds.cases) == sorted(CASES.values())
+    assert len(train_ds) + len(eval_ds) == contoured
+  config.data.case_regex = ''
+  train_ds, eval_ds = data.load_datasets(config)
+  assert len(train_ds.cases + eval_ds.cases) == 2 * 3 + 1
+  assert len(os.listdir(tmp_path / 'cache')) == 2
 
 
 def test_bad_nifti_trees_name_the_file(nifti_tree, tmp_path):

@@ -23,7 +23,8 @@ CACHE_VERSION = 2
 # config.data fields that change what is loaded or how it is preprocessed (the cache key).
 _CACHE_CONFIG_KEYS = ('source', 'png_dir', 'contour', 'image_size', 'resize_mode',
                       'clip_percentiles', 'nominal_spacing_mm', 'spacing_table', 'on_error',
-                      'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium', 'labels')
+                      'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium', 'labels',
+                      'nifti_images', 'nifti_labels', 'case_regex')
 _ARRAY_FIELDS = ('image', 'mask', 'contour', 'epi_mask', 'epi_contour')
 _TUPLE_FIELDS = ('pixel_spacing', 'image_position', 'image_orientation')
 
