@@ -751,8 +751,8 @@ def test_bad_png_input(tmp_path, problem, message):
 def test_on_error_and_source_choices(tmp_path):
   with pytest.raises(ValueError, match=r"choices: \['raise', 'skip'\]"):
     data.LoadReport('ignore')
-  with pytest.raises(ValueError, match=r"choices: \['acdc', 'dicom', 'png'\]"):
-    data.load_frames(_config(str(tmp_path), source='nifti').data)
+  with pytest.raises(ValueError, match=r"choices: \['acdc', 'dicom', 'nifti', 'png'\]"):
+    data.load_frames(_config(str(tmp_path), source='nrrd').data)
 
 
 def test_case_names():
