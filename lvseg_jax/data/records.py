@@ -97,8 +97,8 @@ class LoadReport:
                       'above. First: %s: %s', len(self.skipped), what, *self.skipped[0])
 
 
-def load_cases(found: dict[str, Any], load_case: Callable[[str, Any], list['Frame']],
-               cases: set[str] | None, contoured_only: bool, report: LoadReport) -> list['Frame']:
+def load_cases(found: dict[str, Any], load_case: Callable[[str, Any], list[Frame]],
+               cases: set[str] | None, contoured_only: bool, report: LoadReport) -> list[Frame]:
   """`load_case(case, found[case])` for every case found (`cases`: only those); a case that
   raises `DataError` goes to `report`; frames without a cavity are left out with
   `contoured_only`. The loop of the volume layouts (acdc, nifti)."""
