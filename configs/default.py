@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.nifti_images = 'imagesTr'  # nifti: image volumes (3D or 4D), under data.root
   data.nifti_labels = 'labelsTr'  # nifti: label volumes named like the images (less _0000)
   data.case_regex = ''         # nifti: a volume's patient = the regex's first group on its name
-                               # ('' = the name), e.g. '(patient\d+)_frame' for ACDC as nnU-Net has it
+                               # ('' = the name); e.g. '(patient\d+)_frame' for ACDC in
+                               # nnU-Net's form
   data.contour = 'i'           # i = endocardium (the challenge's LV cavity)
   data.labels = ml_collections.ConfigDict(dict(  # label values of label volumes (acdc, nifti)
       cavity=3, myocardium=2))                   # ACDC: 1 RV, 2 myocardium, 3 LV cavity

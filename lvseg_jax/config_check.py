@@ -21,7 +21,8 @@ _POSITIVE_INTS = (
     'predict.batch_size',
 )
 _NON_NEGATIVE_INTS = ('train.num_epochs', 'train.warmup_steps', 'train.num_devices',
-                      'train.num_overlays', 'predict.write_workers', 'train.tensorboard_images', 'data.fold', 'data.kfold_seed', 'seed')
+                      'train.num_overlays', 'predict.write_workers', 'train.tensorboard_images',
+                      'data.fold', 'data.kfold_seed', 'seed')
 _POSITIVE_FLOATS = ('train.learning_rate', 'model.norm_epsilon', 'data.nominal_spacing_mm',
                     'eval.good_apd_mm')
 _NON_NEGATIVE_FLOATS = ('train.weight_decay', 'train.grad_clip_norm', 'train.end_lr_factor',

@@ -75,7 +75,8 @@ def load_source(data_config: Any, cases: set[str] | None, contoured_only: bool,
                 report: LoadReport) -> list[Frame]:
   """The ED and ES slices of every patient (`cases`: only those); slices without a cavity
   label are left out with `contoured_only` (as uncontoured SCD frames are)."""
-  return load_cases(_patients(data_config), functools.partial(_load_patient, data_config=data_config), cases,
+  return load_cases(_patients(data_config),
+                    functools.partial(_load_patient, data_config=data_config), cases,
                     contoured_only, report)
 
 

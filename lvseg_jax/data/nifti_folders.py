@@ -88,7 +88,8 @@ def load_source(data_config: Any, cases: set[str] | None, contoured_only: bool,
                 report: LoadReport) -> list[Frame]:
   """The slices of every labelled volume (`cases`: only those); slices without a cavity label
   are left out with `contoured_only`."""
-  return load_cases(_volumes(data_config), functools.partial(_load_case, data_config=data_config), cases,
+  return load_cases(_volumes(data_config),
+                    functools.partial(_load_case, data_config=data_config), cases,
                     contoured_only, report)
 
 
