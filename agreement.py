@@ -2,7 +2,7 @@
 
   python ablate.py --config=configs/clinical_cpu.py --workdir=runs/clinical_cv \
       --grid='{"model.name": ["ibu"]}' --folds=0,1,2,3,4
-  python agreement.py --workdir=runs/clinical_cv
+  python agreement.py --workdir=runs/clinical_cv [--tta=flips]
 
 Each case is measured by the fold run that held it out (lvseg_jax.agreement), and the contours
 predict writes are scored by the challenge protocol on the held-out frames. Writes
@@ -19,6 +19,9 @@ flags.DEFINE_string('output', None, 'Where to write the results (default: --work
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], "Each fold's final model "
                   "(latest), or its checkpoint with the best Dice on its held-out cases (best: "
                   'chosen on the cases it then measures, so optimistic).')
+flags.DEFINE_string('tta', 'none', 'Test-time augmentation of every fold model: none | lr | '
+                    'flips | d4 (lvseg_jax.predict.inference.TTA_TRANSFORMS); only for models '
+                    'trained with flip augmentation.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -29,7 +32,7 @@ def main(argv):
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()
   try:
-    agreement.run_agreement(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint)
+    agreement.run_agreement(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.tta)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
 

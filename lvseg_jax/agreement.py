@@ -179,12 +179,13 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
   return owner
 
 
-def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str
+def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str, tta: str
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-  """Measures `cases` with the `checkpoint` of `run` on the `source` copy of the data; also
-  returns the `contour_records` of their frames."""
+  """Measures `cases` with the `checkpoint` of `run` (test-time augmented by `tta`) on the
+  `source` copy of the data; also returns the `contour_records` of their frames."""
   config, variables = checkpointing.load_for_inference(run, checkpoint)
-  config.predict.tta = False
+  config.predict.tta = tta != 'none'
+  config.predict.tta_transforms = tta
   config.predict.progress = False
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.source = source
@@ -266,7 +267,8 @@ def bland_altman_png(path: str, table: dict[str, Any], title: str) -> None:
 
 def _markdown(result: dict[str, Any]) -> str:
   lines = ['# Agreement with the expert (cross-validation, each case by the fold that held it '
-           f"out; the {result['checkpoint']} checkpoint of each fold)", '']
+           f"out; the {result['checkpoint']} checkpoint of each fold; test-time augmentation: "
+           f"{result.get('tta', 'none')})", '']
   for name, label in (('png', 'PNG copy, nominal spacing (volumes and mass in %)'),
                       ('dicom', 'DICOM cases, their own spacing (mL, g)')):
     table = result[name]
@@ -314,8 +316,8 @@ def _markdown(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'latest'
-                  ) -> dict[str, Any]:
+def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'latest',
+                  tta: str = 'none') -> dict[str, Any]:
   """Measures every held-out case of a k-fold folder; writes agreement.{json,md,png}.
 
   Args:
@@ -323,11 +325,20 @@ def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'lat
     output: where to write (default `cv_dir`).
     checkpoint: 'latest' (each fold's final model: nothing chosen on the held-out cases) or
       'best' (the checkpoint with the best Dice on them, an optimistic choice).
+    tta: test-time augmentation, a key of `inference.TTA_TRANSFORMS` ('none': one pass); only
+      for fold models trained with flips.
   """
+  if tta not in inference.TTA_TRANSFORMS:
+    raise ValueError(f'Unknown tta {tta!r}; choices: {sorted(inference.TTA_TRANSFORMS)}')
   output = output or cv_dir
   owner = held_out_cases(cv_dir)
+  for run in sorted(set(owner.values())):
+    if tta != 'none' and not inference.trained_with_flips(checkpointing.load_config(run).augment):
+      # Predict only warns; here a figure would be reported, so refuse before measuring.
+      raise ValueError(f'{run}: tta={tta!r}, but the model was trained without flip '
+                       'augmentation (augment.flip_lr/flip_ud), so flipped inputs are unseen')
   result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'checkpoint': checkpoint,
-                            'cases': {}}
+                            'tta': tta, 'cases': {}}
   result['contours'] = {}
   for source in ('png', 'dicom'):
     cases: dict[str, dict[str, Any]] = {}
@@ -335,7 +346,8 @@ def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'lat
     for run in sorted(set(owner.values())):
       mine = [c for c, r in owner.items() if r == run]
       try:
-        measured, records[os.path.basename(run)] = _measure_with(run, mine, source, checkpoint)
+        measured, records[os.path.basename(run)] = _measure_with(
+            run, mine, source, checkpoint, tta)
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
         logging.info('%s (%s): %s', run, source, e)
         continue

@@ -152,3 +152,35 @@ def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
   assert endo['over_cases']['good_pct']['n'] == 30
   assert endo['over_folds']['dice']['mean'] == pytest.approx(np.mean(
       [endo['per_fold'][k]['dice'] for k in ('fold0', 'fold1')]))
+
+
+def test_tta_runs_every_fold_model_augmented_and_needs_flip_training(smoke_copy, monkeypatch):
+  """tta reaches the forward pass of each fold model; models trained without flips refuse it."""
+  _, workdir = smoke_copy
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert not (saved['augment']['flip_lr'] or saved['augment']['flip_ud'])
+  cv = os.path.dirname(workdir)
+  with open(os.path.join(workdir, 'split.json'), 'w') as f:
+    json.dump({'split': 'kfold', 'train_cases': ['SC-HF-I-01'], 'eval_cases': ['SC-N-05']}, f)
+  with pytest.raises(ValueError, match="tta='lr', but the model was trained without flip"):
+    agreement.run_agreement(cv, tta='lr')
+  with pytest.raises(ValueError, match="Unknown tta 'rot'; choices"):
+    agreement.run_agreement(cv, tta='rot')
+
+  saved['augment']['flip_lr'] = True
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+  seen = []
+  real = inference.make_forward_fn
+
+  def recording(model, tta_transforms='none'):
+    seen.append(tta_transforms)
+    return real(model, tta_transforms)
+
+  monkeypatch.setattr(inference, 'make_forward_fn', recording)
+  result = agreement.run_agreement(cv, tta='lr')
+  assert seen == ['lr'] and result['tta'] == 'lr'   # SC-N-05 has no DICOM copy: one pass
+  assert set(result['cases']['png']) == {'SC-N-05'}
+  with open(os.path.join(cv, 'agreement.md')) as f:
+    assert 'test-time augmentation: lr' in f.read()

@@ -66,6 +66,12 @@ def _untransform(x: jax.Array, k: int, flip: bool) -> jax.Array:
   return x
 
 
+def trained_with_flips(augment: ml_collections.ConfigDict) -> bool:
+  """Whether a model's training augmentation flipped its inputs, so that flipped (TTA) inputs
+  are ones it has seen."""
+  return bool(augment.enabled and (augment.flip_lr or augment.flip_ud))
+
+
 def make_forward_fn(model, tta_transforms: str = 'none') -> Callable:
   """Jitted `(variables, images (B,S,S,C)) -> (probs (B,S,S,K), lv_variance (B,S,S))`.
 

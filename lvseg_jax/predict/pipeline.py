@@ -34,7 +34,7 @@ def inference_config(run_config: ml_collections.ConfigDict,
                                      f"{sorted(models.DTYPES)} or '' (as trained).")
     config.model.dtype = dtype   # activations only: the parameters are the same either way
   if (config.predict.tta and config.predict.tta_transforms != 'none'
-      and not (trained_config.augment.flip_lr or trained_config.augment.flip_ud)):
+      and not inference.trained_with_flips(trained_config.augment)):
     # Measured: a CPU U-Net trained without flips drops from Dice 0.93 to 0.59 on SC-HF-I-05
     # with d4 TTA (mirrored or rotated hearts are unseen inputs); see docs/RESULTS.md.
     logging.warning('predict.tta=%s, but the model was trained without flip augmentation '
