@@ -3,6 +3,7 @@
   python ablate.py --config=configs/clinical_cpu.py --workdir=runs/clinical_cv \
       --grid='{"model.name": ["ibu"]}' --folds=0,1,2,3,4
   python agreement.py --workdir=runs/clinical_cv [--tta=flips]
+  python agreement.py --workdir=runs/cv_a,runs/cv_b --output=runs/ensemble   # same folds
 
 Each case is measured by the fold run that held it out (lvseg_jax.agreement), and the contours
 predict writes are scored by the challenge protocol on the held-out frames. Writes
@@ -14,8 +15,10 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string('workdir', None, 'Folder of the k-fold runs (ablate.py --folds=...).')
-flags.DEFINE_string('output', None, 'Where to write the results (default: --workdir).')
+flags.DEFINE_list('workdir', None, 'Folder of the k-fold runs (ablate.py --folds=...); several '
+                  'folders of the same folds, comma separated: each case by their ensemble.')
+flags.DEFINE_string('output', None, 'Where to write the results (default: --workdir; required '
+                    'for an ensemble).')
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], "Each fold's final model "
                   "(latest), or its checkpoint with the best Dice on its held-out cases (best: "
                   'chosen on the cases it then measures, so optimistic).')

@@ -50,6 +50,9 @@ CONFIGS = {
     'full-bf16': ('configs/ibu.py', {'predict.dtype': 'bfloat16'}),
     # The shipped model (lvseg_jax/pretrained/), its trained weights: three classes, two contours.
     'shipped': ('configs/clinical_cpu.py', {}),
+    # The same with flip test-time augmentation: 4 passes per frame (the time it costs).
+    'shipped-tta': ('configs/clinical_cpu.py', {'predict.tta': True,
+                                                'predict.tta_transforms': 'flips'}),
 }
 
 
@@ -99,8 +102,8 @@ def current_rss_mib() -> float:
 
 def make_workdir(name: str, batch_size: int, root: str) -> str:
   """A workdir with the config and a random-init 'best' checkpoint, as training leaves it
-  ('shipped': the shipped model's folder)."""
-  if name == 'shipped':
+  ('shipped*': the shipped model's folder)."""
+  if name.startswith('shipped'):
     from lvseg_jax import pretrained  # pylint: disable=g-import-not-at-top
     return pretrained.path()
   import jax  # pylint: disable=g-import-not-at-top

@@ -179,11 +179,42 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
   return owner
 
 
-def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str, tta: str
+def held_out_groups(cv_dirs: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
+  """(one run per folder) -> the cases those runs held out, for folders of the same folds.
+
+  Several folders make a same-fold ensemble: a case is measured by the runs of every folder
+  that held it out, so those runs must have trained on the same cases.
+  """
+  owners = [held_out_cases(d) for d in cv_dirs]
+  for d, owner in zip(cv_dirs[1:], owners[1:]):
+    if set(owner) != set(owners[0]):
+      raise ValueError(f'{d} and {cv_dirs[0]} hold out different cases: not the same folds')
+  groups: dict[tuple[str, ...], list[str]] = {}
+  for case in sorted(owners[0]):
+    groups.setdefault(tuple(owner[case] for owner in owners), []).append(case)
+  for runs in groups:
+    trained_on = []
+    for run in runs:
+      with open(os.path.join(run, 'split.json')) as f:
+        trained_on.append(set(json.load(f)['train_cases']))
+    if any(t != trained_on[0] for t in trained_on[1:]):
+      raise ValueError(f'{", ".join(runs)}: trained on different cases, so not one fold')
+  return groups
+
+
+def _measure_with(runs: Sequence[str], cases: Sequence[str], source: str, checkpoint: str,
+                  tta: str
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-  """Measures `cases` with the `checkpoint` of `run` (test-time augmented by `tta`) on the
-  `source` copy of the data; also returns the `contour_records` of their frames."""
-  config, variables = checkpointing.load_for_inference(run, checkpoint)
+  """Measures `cases` with the `checkpoint` of `runs` (their ensemble when several; test-time
+  augmented by `tta`) on the `source` copy of the data; also returns the `contour_records` of
+  their frames."""
+  loaded = [checkpointing.load_for_inference(run, checkpoint) for run in runs]
+  config = loaded[0][0]
+  for run, (other, _) in zip(runs[1:], loaded[1:]):
+    if checkpointing.trained_fields(other) != checkpointing.trained_fields(config):
+      raise ValueError(f'{run} and {runs[0]}: different models or preprocessing '
+                       '(checkpointing.TRAINED_FIELDS); an ensemble needs one model')
+  variables = [v for _, v in loaded] if len(loaded) > 1 else loaded[0][1]
   config.predict.tta = tta != 'none'
   config.predict.tta_transforms = tta
   config.predict.progress = False
@@ -203,12 +234,13 @@ def _measure_with(run: str, cases: Sequence[str], source: str, checkpoint: str, 
       spacing = NOMINAL_SLICE_SPACING_MM
     predictions = inference.predict_frames(model, variables, case_frames, config,
                                            desc=case)
-    out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=run,
-                     source=source, slice_spacing_mm=spacing, frames=len(case_frames))
+    out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=runs[0],
+                     runs=list(runs), source=source, slice_spacing_mm=spacing,
+                     frames=len(case_frames))
     for kind, kind_records in contour_records(case_frames, predictions,
                                               float(config.data.mask_outset_px)).items():
       records[kind] += kind_records
-    logging.info('%s (%s, %s): %s', case, source, os.path.basename(run),
+    logging.info('%s (%s, %s): %s', case, source, os.path.basename(runs[0]),
                  out[case].get('skipped') or 'measured')
   return out, records
 
@@ -268,7 +300,10 @@ def bland_altman_png(path: str, table: dict[str, Any], title: str) -> None:
 def _markdown(result: dict[str, Any]) -> str:
   lines = ['# Agreement with the expert (cross-validation, each case by the fold that held it '
            f"out; the {result['checkpoint']} checkpoint of each fold; test-time augmentation: "
-           f"{result.get('tta', 'none')})", '']
+           f"{result['tta']})", '']
+  if len(result['cv_dir']) > 1:
+    lines += ['Each case by the ensemble of its fold runs in: '
+              + ', '.join(f'`{d}`' for d in result['cv_dir']), '']
   for name, label in (('png', 'PNG copy, nominal spacing (volumes and mass in %)'),
                       ('dicom', 'DICOM cases, their own spacing (mL, g)')):
     table = result[name]
@@ -316,40 +351,44 @@ def _markdown(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def run_agreement(cv_dir: str, output: str | None = None, checkpoint: str = 'latest',
-                  tta: str = 'none') -> dict[str, Any]:
+def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
+                  checkpoint: str = 'latest', tta: str = 'none') -> dict[str, Any]:
   """Measures every held-out case of a k-fold folder; writes agreement.{json,md,png}.
 
   Args:
-    cv_dir: the folder of the fold runs (each with split.json and checkpoints).
-    output: where to write (default `cv_dir`).
+    cv_dir: the folder of the fold runs (each with split.json and checkpoints), or several
+      folders of the same folds: each case is then measured by the ensemble of the runs that
+      held it out.
+    output: where to write (default `cv_dir`; required for several folders).
     checkpoint: 'latest' (each fold's final model: nothing chosen on the held-out cases) or
       'best' (the checkpoint with the best Dice on them, an optimistic choice).
     tta: test-time augmentation, a key of `inference.TTA_TRANSFORMS` ('none': one pass); only
       for fold models trained with flips.
   """
+  cv_dirs = [cv_dir] if isinstance(cv_dir, str) else list(cv_dir)
   if tta not in inference.TTA_TRANSFORMS:
     raise ValueError(f'Unknown tta {tta!r}; choices: {sorted(inference.TTA_TRANSFORMS)}')
-  output = output or cv_dir
-  owner = held_out_cases(cv_dir)
-  for run in sorted(set(owner.values())):
+  if len(cv_dirs) > 1 and not output:
+    raise ValueError('An ensemble of several k-fold folders needs an output folder')
+  output = output or cv_dirs[0]
+  groups = held_out_groups(cv_dirs)
+  for run in sorted({run for runs in groups for run in runs}):
     if tta != 'none' and not inference.trained_with_flips(checkpointing.load_config(run).augment):
       # Predict only warns; here a figure would be reported, so refuse before measuring.
       raise ValueError(f'{run}: tta={tta!r}, but the model was trained without flip '
                        'augmentation (augment.flip_lr/flip_ud), so flipped inputs are unseen')
-  result: dict[str, Any] = {'cv_dir': os.path.abspath(cv_dir), 'checkpoint': checkpoint,
-                            'tta': tta, 'cases': {}}
+  result: dict[str, Any] = {'cv_dir': [os.path.abspath(d) for d in cv_dirs],
+                            'checkpoint': checkpoint, 'tta': tta, 'cases': {}}
   result['contours'] = {}
   for source in ('png', 'dicom'):
     cases: dict[str, dict[str, Any]] = {}
     records = {}
-    for run in sorted(set(owner.values())):
-      mine = [c for c, r in owner.items() if r == run]
+    for runs, mine in groups.items():
       try:
-        measured, records[os.path.basename(run)] = _measure_with(
-            run, mine, source, checkpoint, tta)
+        measured, records[os.path.basename(runs[0])] = _measure_with(
+            runs, mine, source, checkpoint, tta)
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
-        logging.info('%s (%s): %s', run, source, e)
+        logging.info('%s (%s): %s', ', '.join(runs), source, e)
         continue
       cases.update(measured)
     result['cases'][source] = cases

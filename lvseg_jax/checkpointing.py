@@ -113,6 +113,11 @@ def _trained(key: str) -> bool:
   return any(key == f or (f.endswith('.') and key.startswith(f)) for f in TRAINED_FIELDS)
 
 
+def trained_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'section.field': value} of the `TRAINED_FIELDS` of a config: what its weights fit."""
+  return {k: v for k, v in flatten_config(config).items() if _trained(k)}
+
+
 def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict,
                    overridden: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """This command's config with the trained run's `TRAINED_FIELDS` (the one rule of
@@ -135,10 +140,9 @@ def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.Co
         '(architecture and preprocessing) come from the workdir. Drop the flag, or train a new '
         'run with it.')
   run = ml_collections.ConfigDict(config.to_dict())
-  for key, value in then.items():
-    if _trained(key):
-      section, _, field = key.rpartition('.')
-      run[section][field] = value
+  for key, value in trained_fields(trained).items():
+    section, _, field = key.rpartition('.')
+    run[section][field] = value
   return run
 
 

@@ -1,8 +1,10 @@
 """Tests of lvseg_jax.agreement: statistics, a perfect prediction, the held-out bookkeeping, and a
 two-fold run end to end on the real data."""
 
+import functools
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -162,7 +164,7 @@ def test_tta_runs_every_fold_model_augmented_and_needs_flip_training(smoke_copy,
   assert not (saved['augment']['flip_lr'] or saved['augment']['flip_ud'])
   cv = os.path.dirname(workdir)
   with open(os.path.join(workdir, 'split.json'), 'w') as f:
-    json.dump({'split': 'kfold', 'train_cases': ['SC-HF-I-01'], 'eval_cases': ['SC-N-05']}, f)
+    json.dump({'split': 'kfold', 'train_cases': ['SC-HF-I-01'], 'eval_cases': ['SC-HYP-40']}, f)
   with pytest.raises(ValueError, match="tta='lr', but the model was trained without flip"):
     agreement.run_agreement(cv, tta='lr')
   with pytest.raises(ValueError, match="Unknown tta 'rot'; choices"):
@@ -180,7 +182,47 @@ def test_tta_runs_every_fold_model_augmented_and_needs_flip_training(smoke_copy,
 
   monkeypatch.setattr(inference, 'make_forward_fn', recording)
   result = agreement.run_agreement(cv, tta='lr')
-  assert seen == ['lr'] and result['tta'] == 'lr'   # SC-N-05 has no DICOM copy: one pass
-  assert set(result['cases']['png']) == {'SC-N-05'}
+  assert seen == ['lr'] and result['tta'] == 'lr'   # no DICOM copy of SC-HYP-40: one pass
+  assert set(result['cases']['png']) == {'SC-HYP-40'}
   with open(os.path.join(cv, 'agreement.md')) as f:
     assert 'test-time augmentation: lr' in f.read()
+
+  # A same-fold ensemble of the run and its copy: each case predicted once, by both members
+  # (their averaging is tested against NumPy in predict_test).
+  twin = os.path.join(os.path.dirname(cv), 'twin_cv')
+  shutil.copytree(cv, twin)
+  members = []
+  monkeypatch.setattr(inference, 'predict_frames', functools.partial(
+      _recording_predict_frames, inference.predict_frames, members))
+  both = agreement.run_agreement([cv, twin], output=os.path.join(twin, 'ensemble'), tta='lr')
+  assert members == [2]
+  single, pair = result['cases']['png']['SC-HYP-40'], both['cases']['png']['SC-HYP-40']
+  assert pair['runs'] == [workdir, os.path.join(twin, os.path.basename(workdir))]
+  assert single['runs'] == [workdir]
+  with open(os.path.join(twin, 'ensemble', 'agreement.md')) as f:
+    assert f'ensemble of its fold runs in: `{cv}`, `{twin}`' in f.read()
+  with pytest.raises(ValueError, match='needs an output folder'):
+    agreement.run_agreement([cv, twin])
+
+
+def _recording_predict_frames(real, members, model, variables, *args, **kwargs):
+  members.append(len(variables) if isinstance(variables, list) else 1)
+  return real(model, variables, *args, **kwargs)
+
+
+def test_held_out_groups_pairs_the_runs_of_one_fold(tmp_path):
+  for d in ('a', 'b'):
+    (tmp_path / d).mkdir()
+    _split(tmp_path / d, 'f0', ['B'], ['A'])
+    _split(tmp_path / d, 'f1', ['A'], ['B'])
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  assert agreement.held_out_groups([a, b]) == {
+      (f'{a}/f0', f'{b}/f0'): ['A'], (f'{a}/f1', f'{b}/f1'): ['B']}
+  _split(tmp_path / 'b', 'f2', [], ['C'])
+  with pytest.raises(ValueError, match='hold out different cases'):
+    agreement.held_out_groups([a, b])
+  (tmp_path / 'c').mkdir()
+  _split(tmp_path / 'c', 'f0', ['B', 'D'], ['A'])
+  _split(tmp_path / 'c', 'f1', ['A'], ['B'])
+  with pytest.raises(ValueError, match='trained on different cases'):
+    agreement.held_out_groups([a, str(tmp_path / 'c')])

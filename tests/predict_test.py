@@ -135,6 +135,25 @@ def test_tta_d4_averages_the_eight_symmetries():
     predict.make_forward_fn(RampModel(), 'everything')
 
 
+def test_an_ensemble_averages_every_members_augmented_copies():
+  x = np.random.default_rng(2).normal(size=(2, 12, 12, 1)).astype(np.float32)
+  members = [{'w': jnp.float32(1.0)}, {'w': jnp.float32(-2.5)}]
+  # NumPy oracle: each member on the identity and the left-right flip, mapped back.
+  outputs = []
+  for variables in members:
+    for flip in (False, True):
+      view = x[:, :, ::-1] if flip else x
+      out = softmax_np(np.asarray(RampModel().apply(variables, jnp.asarray(view))))
+      outputs.append(out[:, :, ::-1] if flip else out)
+  outputs = np.stack(outputs)
+  mean, var = predict.make_forward_fn(RampModel(), 'lr')(members, x)
+  np.testing.assert_allclose(mean, outputs.mean(0), atol=1e-5)   # float32 softmax of O(1) logits
+  np.testing.assert_allclose(var, outputs[..., 1].var(0), atol=1e-6)
+  single, _ = predict.make_forward_fn(RampModel(), 'lr')(members[0], x)
+  np.testing.assert_allclose(single, outputs[:2].mean(0), atol=1e-5)
+  assert float(np.max(np.abs(mean - single))) > 0.05   # the second member counts
+
+
 # ------------------------------------------------------------------------------ post-processing
 
 

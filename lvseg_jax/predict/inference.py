@@ -77,7 +77,8 @@ def make_forward_fn(model, tta_transforms: str = 'none') -> Callable:
 
   With TTA the transformed copies of the batch go through the network as one larger batch;
   softmax outputs are mapped back and averaged, and the variance of the LV probability across
-  the copies is the uncertainty (0 without TTA).
+  the copies is the uncertainty (0 without TTA). `variables` may also be a list of variable
+  sets of this model (an ensemble): every member's copies are averaged alike.
   """
   if tta_transforms not in TTA_TRANSFORMS:
     raise ValueError(f'Unknown predict.tta_transforms {tta_transforms!r}; choices: '
@@ -88,11 +89,15 @@ def make_forward_fn(model, tta_transforms: str = 'none') -> Callable:
   def forward(variables, images):
     if len(transforms) > 1 and images.shape[1] != images.shape[2]:
       raise ValueError(f'TTA rotations need square inputs, got {images.shape[1:3]}')
+    members = variables if isinstance(variables, (list, tuple)) else [variables]
     batch = images.shape[0]
     stacked = jnp.concatenate([_transform(images, k, f) for k, f in transforms], axis=0)
-    probs = jax.nn.softmax(model.apply(variables, stacked, train=False), axis=-1)
-    probs = jnp.stack([_untransform(probs[i * batch:(i + 1) * batch], k, f)
-                       for i, (k, f) in enumerate(transforms)])
+    copies = []
+    for member in members:
+      probs = jax.nn.softmax(model.apply(member, stacked, train=False), axis=-1)
+      copies += [_untransform(probs[i * batch:(i + 1) * batch], k, f)
+                 for i, (k, f) in enumerate(transforms)]
+    probs = jnp.stack(copies)
     return probs.mean(axis=0), probs[..., LV_CLASS].var(axis=0)
 
   return forward
@@ -203,14 +208,15 @@ class _Progress:
       self._bar.close()
 
 
-def predict_frames(model, variables: dict[str, Any], frames: Sequence[data_lib.Frame],
-                   config: ml_collections.ConfigDict, *, forward_fn: Callable | None = None,
-                   desc: str = 'predict') -> list[Prediction]:
+def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
+                   frames: Sequence[data_lib.Frame], config: ml_collections.ConfigDict, *,
+                   forward_fn: Callable | None = None, desc: str = 'predict'
+                   ) -> list[Prediction]:
   """Segments frames with a model; the core of prediction, independent of checkpoints and I/O.
 
   Args:
     model: the Flax module (`models.get_model(config.model)`).
-    variables: {'params'[, 'batch_stats']}.
+    variables: {'params'[, 'batch_stats']}, or a list of them (an ensemble, averaged).
     frames: frames at their original resolution (any size; each is preprocessed on its own).
     config: uses `config.data` (preprocessing, as in training) and `config.predict`
       (batch_size, tta, tta_transforms, largest_component, fill_holes, progress).
