@@ -140,7 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   pr.fill_holes = True               # fill holes (papillary muscles count as cavity in SCD)
   pr.tta = False                     # test-time augmentation, softmax averaged; saves the
                                      # per-pixel variance as uncertainty/*.png
-  pr.tta_transforms = 'd4'           # d4: 4 rotations x 2 flips (8) | flips (4) | lr (2);
+  pr.tta_transforms = 'flips'        # flips: id, lr, ud, both (4) | lr (2) | d4: 4 rotations x
+                                     # 2 flips (8, for models trained with 90-degree rotations);
                                      # only for models trained with flip augmentation
   pr.areas = 'contour'               # contour: inside the sub-pixel contour | pixels: pixel count
   pr.min_myocardial_coverage = 0.5   # basal rule: a basal slice counts while myocardium rings

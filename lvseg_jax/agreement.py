@@ -373,10 +373,9 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
   output = output or cv_dirs[0]
   groups = held_out_groups(cv_dirs)
   for run in sorted({run for runs in groups for run in runs}):
-    if tta != 'none' and not inference.trained_with_flips(checkpointing.load_config(run).augment):
-      # Predict only warns; here a figure would be reported, so refuse before measuring.
-      raise ValueError(f'{run}: tta={tta!r}, but the model was trained without flip '
-                       'augmentation (augment.flip_lr/flip_ud), so flipped inputs are unseen')
+    unseen = inference.unseen_tta(checkpointing.load_config(run).augment, tta)
+    if unseen:   # predict only warns; here a figure would be reported, so refuse it up front
+      raise ValueError(f'{run}: tta={tta!r}, but {unseen}')
   result: dict[str, Any] = {'cv_dir': [os.path.abspath(d) for d in cv_dirs],
                             'checkpoint': checkpoint, 'tta': tta, 'cases': {}}
   result['contours'] = {}

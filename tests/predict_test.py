@@ -135,6 +135,20 @@ def test_tta_d4_averages_the_eight_symmetries():
     predict.make_forward_fn(RampModel(), 'everything')
 
 
+def test_unseen_tta_names_the_copies_training_never_made():
+  augment = default.get_config().augment
+  augment.flip_lr = augment.flip_ud = False
+  assert predict.unseen_tta(augment, 'none') == ''
+  assert 'without flip augmentation' in predict.unseen_tta(augment, 'lr')
+  augment.flip_lr = True
+  assert predict.unseen_tta(augment, 'flips') == ''
+  assert 'at most 15 degrees' in predict.unseen_tta(augment, 'd4')   # the default rotation
+  augment.rotation_deg = 180.0
+  assert predict.unseen_tta(augment, 'd4') == ''
+  augment.enabled = False
+  assert 'without flip augmentation' in predict.unseen_tta(augment, 'flips')
+
+
 def test_an_ensemble_averages_every_members_augmented_copies():
   x = np.random.default_rng(2).normal(size=(2, 12, 12, 1)).astype(np.float32)
   members = [{'w': jnp.float32(1.0)}, {'w': jnp.float32(-2.5)}]
@@ -465,7 +479,7 @@ def test_prediction_areas_and_volumes_follow_the_contours(prediction_run):
   with open(os.path.join(folder, 'summary.json')) as f:
     saved = json.load(f)
   assert saved['expert']['phase']['ed_phase'] is not None
-  assert saved['tta'] == 'd4' and saved['slice_spacing_source'] == 'dicom'
+  assert saved['tta'] == 'flips' and saved['slice_spacing_source'] == 'dicom'
 
 
 def test_nifti_affine_holds_the_dicom_geometry(prediction_run):

@@ -66,10 +66,17 @@ def _untransform(x: jax.Array, k: int, flip: bool) -> jax.Array:
   return x
 
 
-def trained_with_flips(augment: ml_collections.ConfigDict) -> bool:
-  """Whether a model's training augmentation flipped its inputs, so that flipped (TTA) inputs
-  are ones it has seen."""
-  return bool(augment.enabled and (augment.flip_lr or augment.flip_ud))
+def unseen_tta(augment: ml_collections.ConfigDict, tta_transforms: str) -> str:
+  """Why `tta_transforms` makes inputs the model's training augmentation never made ('' when it
+  does not): flipped copies need flip augmentation, d4's 90-degree turns rotations that large."""
+  transforms = TTA_TRANSFORMS[tta_transforms]
+  if len(transforms) > 1 and not (augment.enabled and (augment.flip_lr or augment.flip_ud)):
+    return 'the model was trained without flip augmentation (augment.flip_lr/flip_ud)'
+  rotation = augment.rotation_deg if augment.enabled and augment.affine else 0.0
+  if any(k % 2 for k, _ in transforms) and rotation < 90:
+    return (f'{tta_transforms} turns inputs by 90 degrees, but the model was trained with '
+            f'rotations of at most {rotation:g} degrees (augment.rotation_deg)')
+  return ''
 
 
 def make_forward_fn(model, tta_transforms: str = 'none') -> Callable:

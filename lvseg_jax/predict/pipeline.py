@@ -33,14 +33,14 @@ def inference_config(run_config: ml_collections.ConfigDict,
       raise config_check.ConfigError(f'predict.dtype={dtype!r}: choose from '
                                      f"{sorted(models.DTYPES)} or '' (as trained).")
     config.model.dtype = dtype   # activations only: the parameters are the same either way
-  if (config.predict.tta and config.predict.tta_transforms != 'none'
-      and not inference.trained_with_flips(trained_config.augment)):
+  unseen = config.predict.tta and inference.unseen_tta(trained_config.augment,
+                                                       config.predict.tta_transforms)
+  if unseen:
     # Measured: a CPU U-Net trained without flips drops from Dice 0.93 to 0.59 on SC-HF-I-05
     # with d4 TTA (mirrored or rotated hearts are unseen inputs); see docs/RESULTS.md.
-    logging.warning('predict.tta=%s, but the model was trained without flip augmentation '
-                    '(augment.flip_lr/flip_ud are off): flipped or rotated inputs are unseen '
-                    'and usually segment worse, which drags the TTA average down.',
-                    config.predict.tta_transforms)
+    logging.warning('predict.tta_transforms=%s, but %s: those copies are unseen inputs, which '
+                    'usually segment worse and drag the TTA average down.',
+                    config.predict.tta_transforms, unseen)
   return config
 
 
