@@ -169,7 +169,8 @@ def child_stages(name: str, workdir: str, series_path: str, batch_size: int) -> 
   t['read_dicom_s'] = time.perf_counter() - tic
   frames = [f for s in series for f in s.frames]
 
-  forward = predict.make_forward_fn(model, 'none')
+  forward = predict.make_forward_fn(
+      model, config.predict.tta_transforms if config.predict.tta else 'none')
   size = int(config.data.image_size)
   dummy = np.zeros((batch_size, size, size, 1), np.float32)
   tic = time.perf_counter()

@@ -2,7 +2,9 @@
 
 A 128x128 centre crop at native resolution: the LV sits near the image centre in the SCD (every
 endocardial and epicardial mask of the 526 PNG frames lies inside the central 128x128 of its
-256x256 frame, at least 9 px from its edge). Base width 16, 20 epochs.
+256x256 frame, at least 9 px from its edge). Base width 16, 20 epochs. Random left-right and
+up-down flips: under cross-validation they made the epicardium and the EF agree better with the
+expert (docs/RESULTS.md), and they make flip test-time augmentation (`predict.tta`) valid.
 """
 
 from configs import clinical
@@ -14,4 +16,6 @@ def get_config():
   config.data.image_size = 128
   config.data.resize_mode = 'crop'
   config.train.num_epochs = 20
+  config.augment.flip_lr = True
+  config.augment.flip_ud = True
   return config
