@@ -169,8 +169,7 @@ def child_stages(name: str, workdir: str, series_path: str, batch_size: int) -> 
   t['read_dicom_s'] = time.perf_counter() - tic
   frames = [f for s in series for f in s.frames]
 
-  forward = predict.make_forward_fn(
-      model, config.predict.tta_transforms if config.predict.tta else 'none')
+  forward = predict.make_forward_fn(model, predict.tta_mode(config.predict))
   size = int(config.data.image_size)
   dummy = np.zeros((batch_size, size, size, 1), np.float32)
   tic = time.perf_counter()

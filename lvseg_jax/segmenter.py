@@ -68,8 +68,7 @@ class Segmenter:
     trained, self.variables = checkpointing.load_for_inference(workdir, checkpoint)
     self.config = pipeline.inference_config(config, trained, sorted(overrides or {}))
     self.model = models.get_model(self.config.model)
-    tta = self.config.predict.tta_transforms if self.config.predict.tta else 'none'
-    self._forward = inference.make_forward_fn(self.model, tta)
+    self._forward = inference.make_forward_fn(self.model, inference.tta_mode(self.config.predict))
 
   @classmethod
   def pretrained(cls, name: str = pretrained.DEFAULT, **kwargs) -> 'Segmenter':

@@ -57,7 +57,8 @@ Bad input and fallbacks (all logged, and listed under `warnings` in summary.json
 """
 
 from lvseg_jax.predict.inference import (LV_CLASS, TTA_TRANSFORMS, Prediction, make_forward_fn,
-                                         postprocess_mask, predict_frames, unseen_tta)
+                                         postprocess_mask, predict_frames, tta_mode,
+                                         unseen_tta)
 from lvseg_jax.predict.inputs import PredictError, Series, check_single_series, find_series
 from lvseg_jax.predict.measure import (area_grid_from, expert_areas, expert_volumes, grid_shape,
                                        has_grid, series_affine, slice_spacing, summarize_series)

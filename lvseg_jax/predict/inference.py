@@ -66,6 +66,12 @@ def _untransform(x: jax.Array, k: int, flip: bool) -> jax.Array:
   return x
 
 
+def tta_mode(predict_config: ml_collections.ConfigDict) -> str:
+  """The TTA transforms a `config.predict` asks for: `tta_transforms`, or 'none' when `tta` is
+  off."""
+  return predict_config.tta_transforms if predict_config.tta else 'none'
+
+
 def unseen_tta(augment: ml_collections.ConfigDict, tta_transforms: str) -> str:
   """Why `tta_transforms` makes inputs the model's training augmentation never made ('' when it
   does not): flipped copies need flip augmentation, d4's 90-degree turns rotations that large."""
@@ -234,9 +240,9 @@ def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
     One `Prediction` per frame, in order.
   """
   batch_size = int(config.predict.batch_size)   # checked by config_check
-  tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
+  transforms = tta_mode(config.predict)
   if forward_fn is None:
-    forward_fn = make_forward_fn(model, tta_mode)
+    forward_fn = make_forward_fn(model, transforms)
   variables = jax.device_put(variables)
   progress = _Progress(len(frames), desc, bool(config.predict.progress) and len(frames) > 0)
 
@@ -266,7 +272,7 @@ def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
         # Outside the network window (crop mode) the inverse fills 0 for every class: background.
         probs_o[..., 0] = np.where(probs_o.sum(-1) == 0, 1.0, probs_o[..., 0])
         uncertainty = None
-        if tta_mode != 'none':
+        if transforms != 'none':
           uncertainty = np.clip(geometry.invert(np.asarray(variance[i], np.float32),
                                                 labels=False), 0.0, None)
         p = _prediction(frame, probs_o, uncertainty, config)

@@ -13,7 +13,7 @@ from lvseg_jax import clinical
 from lvseg_jax import data as data_lib
 from lvseg_jax import export
 from lvseg_jax import metrics
-from lvseg_jax.predict.inference import Prediction
+from lvseg_jax.predict.inference import Prediction, tta_mode
 from lvseg_jax.predict.inputs import Series
 
 
@@ -242,7 +242,7 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
       postprocessing=dict(largest_component=bool(config.predict.largest_component),
                           fill_holes=bool(config.predict.fill_holes)),
       areas=config.predict.areas, contour_inset_px=float(config.data.mask_outset_px),
-      tta=(config.predict.tta_transforms if config.predict.tta else 'none'),
+      tta=tta_mode(config.predict),
       frames=rows)
   cut = [p.frame.frame_id for p in predictions if p.cut_by_window]
   if cut:

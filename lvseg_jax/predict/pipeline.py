@@ -33,8 +33,7 @@ def inference_config(run_config: ml_collections.ConfigDict,
       raise config_check.ConfigError(f'predict.dtype={dtype!r}: choose from '
                                      f"{sorted(models.DTYPES)} or '' (as trained).")
     config.model.dtype = dtype   # activations only: the parameters are the same either way
-  unseen = config.predict.tta and inference.unseen_tta(trained_config.augment,
-                                                       config.predict.tta_transforms)
+  unseen = inference.unseen_tta(trained_config.augment, inference.tta_mode(config.predict))
   if unseen:
     # Measured: a CPU U-Net trained without flips drops from Dice 0.93 to 0.59 on SC-HF-I-05
     # with d4 TTA (mirrored or rotated hearts are unseen inputs); see docs/RESULTS.md.
@@ -78,8 +77,7 @@ def segment_series(model, variables: dict[str, Any], series: Sequence[inputs.Ser
                                        float]]:
   """(series, its predictions, `measure.summarize_series`, start time) for each series, with
   one compiled forward pass for all of them (`forward_fn`, or one made here)."""
-  tta_mode = config.predict.tta_transforms if config.predict.tta else 'none'
-  forward = forward_fn or inference.make_forward_fn(model, tta_mode)
+  forward = forward_fn or inference.make_forward_fn(model, inference.tta_mode(config.predict))
   for s in series:
     start = time.time()
     predictions = inference.predict_frames(model, variables, s.frames, config,
