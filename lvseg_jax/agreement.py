@@ -202,22 +202,27 @@ def held_out_groups(cv_dirs: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
   return groups
 
 
-def _measure_with(runs: Sequence[str], cases: Sequence[str], source: str, checkpoint: str,
-                  tta: str
-                  ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-  """Measures `cases` with the `checkpoint` of `runs` (their ensemble when several; test-time
-  augmented by `tta`) on the `source` copy of the data; also returns the `contour_records` of
-  their frames."""
+def _load_group(runs: Sequence[str], checkpoint: str, tta: str
+                ) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, variables) of the `checkpoint` of `runs`: one run's variables, or a list of them
+  (an ensemble), with `tta` set in the config."""
   loaded = [checkpointing.load_for_inference(run, checkpoint) for run in runs]
   config = loaded[0][0]
   for run, (other, _) in zip(runs[1:], loaded[1:]):
     if checkpointing.trained_fields(other) != checkpointing.trained_fields(config):
       raise ValueError(f'{run} and {runs[0]}: different models or preprocessing '
                        '(checkpointing.TRAINED_FIELDS); an ensemble needs one model')
-  variables = [v for _, v in loaded] if len(loaded) > 1 else loaded[0][1]
   config.predict.tta = tta != 'none'
   config.predict.tta_transforms = tta
   config.predict.progress = False
+  return config, [v for _, v in loaded] if len(loaded) > 1 else loaded[0][1]
+
+
+def _measure_with(runs: Sequence[str], config: ml_collections.ConfigDict, variables: Any,
+                  cases: Sequence[str], source: str
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+  """Measures `cases` with the model of `runs` (`_load_group`) on the `source` copy of the
+  data; also returns the `contour_records` of their frames."""
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.source = source
   data_config.cache_dir = ''
@@ -376,6 +381,7 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
     unseen = inference.unseen_tta(checkpointing.load_config(run).augment, tta)
     if unseen:   # predict only warns; here a figure would be reported, so refuse it up front
       raise ValueError(f'{run}: tta={tta!r}, but {unseen}')
+  loaded = {runs: _load_group(runs, checkpoint, tta) for runs in groups}  # once for both copies
   result: dict[str, Any] = {'cv_dir': [os.path.abspath(d) for d in cv_dirs],
                             'checkpoint': checkpoint, 'tta': tta, 'cases': {}}
   result['contours'] = {}
@@ -385,7 +391,7 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
     for runs, mine in groups.items():
       try:
         measured, records[os.path.basename(runs[0])] = _measure_with(
-            runs, mine, source, checkpoint, tta)
+            runs, *loaded[runs], mine, source)
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
         logging.info('%s (%s): %s', ', '.join(runs), source, e)
         continue
