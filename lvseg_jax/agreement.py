@@ -46,6 +46,7 @@ from lvseg_jax.predict import measure
 NOMINAL_SLICE_SPACING_MM = 10.0
 QUANTITIES = (('edv_ml', 'EDV', '%'), ('esv_ml', 'ESV', '%'), ('ef_pct', 'EF', 'points'),
               ('lv_mass_g', 'LV mass', '%'))
+AREA_LEVELS = ('basal', 'middle', 'apical')
 
 
 def expert_area_mm2(mask: np.ndarray | None, spacing: Sequence[float], inset_px: float
@@ -92,12 +93,19 @@ def measure_case(frames: Sequence[data_lib.Frame],
     myo = np.clip(epi_grid[used, ed] - expert_grid[used, ed], 0, None)
     expert['lv_mass_g'] = (clinical.MYOCARDIAL_DENSITY_G_PER_ML * float(np.sum(myo))
                            * spacing_mm / clinical.MM3_PER_ML)
-  measured = measure.series_measurements(
-      frames, measure.frame_areas(predictions, config.predict.areas), spacing_mm, config)
+  areas = measure.frame_areas(predictions, config.predict.areas)
+  measured = measure.series_measurements(frames, areas, spacing_mm, config)
   predicted = dict(measured['volumes'])
   if 'lv_mass_g' in measured:
     predicted['lv_mass_g'] = measured['lv_mass_g']
-  return {'expert': expert, 'predicted': predicted, 'excluded': measured['excluded']}
+  predicted_grid = measure.area_grid_from(frames, areas['cavity'])
+  cavity_areas = {}   # per contoured slice, in slice order: [expert, predicted] mm^2
+  for name, t in (('ed', ed), ('es', expert['es_phase'])):
+    rows = np.flatnonzero(~np.isnan(expert_grid[:, t]))
+    cavity_areas[name] = [[float(expert_grid[s, t]), float(np.nan_to_num(predicted_grid[s, t]))]
+                          for s in rows]
+  return {'expert': expert, 'predicted': predicted, 'excluded': measured['excluded'],
+          'cavity_areas': cavity_areas}
 
 
 def contour_records(frames: Sequence[data_lib.Frame],
@@ -275,7 +283,25 @@ def _table(cases: dict[str, dict[str, Any]], relative_volumes: bool) -> dict[str
     stats[key]['unit'] = ('%' if relative else 'points' if key == 'ef_pct' else
                           'mL' if key.endswith('_ml') else 'g')
     points[key] = pairs
-  return {'stats': stats, 'points': points}
+  return {'stats': stats, 'points': points, 'area_bias': area_bias_by_level(cases)}
+
+
+def area_bias_by_level(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Where the volume differences come from: per phase ('ed', 'es'), the predicted cavity area
+  summed over each third of a case's contoured slices ('basal', 'middle', 'apical' in slice
+  order, base to apex in the SCD; `np.array_split`, so a remainder goes to the basal end) and
+  over 'all' of them, in % of the expert's sum; mean and SD over the cases."""
+  diffs: dict[str, dict[str, list[float]]] = {}
+  for c in cases.values():
+    for phase, pairs in c.get('cavity_areas', {}).items():
+      pairs = np.asarray(pairs, np.float64).reshape(-1, 2)
+      for level, part in (*zip(AREA_LEVELS, np.array_split(pairs, 3)), ('all', pairs)):
+        expert, predicted = part.sum(axis=0)
+        if len(part) and expert > 0:
+          diffs.setdefault(phase, {}).setdefault(level, []).append(
+              100.0 * (predicted - expert) / expert)
+  return {phase: {level: results_lib.mean_std(v) for level, v in by_level.items()}
+          for phase, by_level in diffs.items()}
 
 
 def bland_altman_png(path: str, table: dict[str, Any], title: str) -> None:
@@ -334,6 +360,17 @@ def _markdown(result: dict[str, Any]) -> str:
       lines.append(f"| {case} | {os.path.basename(c['run'])} | " + ' | '.join(cells)
                    + f" | {len(c['excluded'])} |")
     lines.append('')
+    if table['area_bias']:
+      lines += ['Cavity area, predicted against expert, in % of the expert\'s area summed over '
+                'each third of the contoured slices (slice order, base to apex in the SCD): '
+                'mean ± SD over the cases.', '',
+                '| phase | ' + ' | '.join(f'{level} third' for level in AREA_LEVELS)
+                + ' | all slices |', '|---|' + '---:|' * (len(AREA_LEVELS) + 1)]
+      for phase, by_level in table['area_bias'].items():
+        lines.append(f'| {phase.upper()} | ' + ' | '.join(
+            f"{by_level[k]['mean']:+.1f} ± {by_level[k]['std']:.1f} (n={by_level[k]['n']})"
+            if k in by_level else '-' for k in (*AREA_LEVELS, 'all')) + ' |')
+      lines.append('')
   lines += ['## The contours predict writes (largest component, holes filled, sub-pixel), '
             'challenge protocol on the held-out frames', '',
             'Mean ± SD over the fold runs of their mean over cases (Dice per image: over '

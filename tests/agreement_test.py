@@ -62,6 +62,29 @@ def test_a_perfect_prediction_agrees_exactly(data_root):
   assert (out['expert']['ed_phase'], out['expert']['es_phase']) == (19, 6)
   # The expert's ED frames all have an epicardium here, so both sides have a mass.
   assert out['predicted']['lv_mass_g'] == pytest.approx(out['expert']['lv_mass_g'], rel=1e-12)
+  # Every contoured slice at ED and ES, base to apex, with the same area on both sides.
+  for phase, t in (('ed', 19), ('es', 6)):
+    pairs = np.array(out['cavity_areas'][phase])
+    assert len(pairs) == len({f.slice_index for f in frames if f.phase_index == t})
+    np.testing.assert_allclose(pairs[:, 1], pairs[:, 0], rtol=1e-12)
+
+
+def test_area_bias_by_level_splits_the_slices_in_thirds():
+  """Case A, 7 slices: thirds of 3, 2, 2 (the remainder at the basal end); case B, 3 slices
+  at ES only. Expected values worked out by hand."""
+  a_ed = [[100, 110], [100, 110], [100, 110], [80, 80], [80, 80], [50, 40], [50, 45]]
+  cases = {'A': {'cavity_areas': {'ed': a_ed, 'es': []}},
+           'B': {'cavity_areas': {'es': [[40, 50], [30, 30], [20, 20]]}},
+           'skipped': {'skipped': 'no expert'}}
+  bias = agreement.area_bias_by_level(cases)
+  ed, es = bias['ed'], bias['es']
+  assert ed['basal'] == {'mean': pytest.approx(10.0), 'std': pytest.approx(np.nan, nan_ok=True),
+                         'n': 1}
+  assert ed['middle']['mean'] == pytest.approx(0.0)
+  assert ed['apical']['mean'] == pytest.approx(100 * (85 - 100) / 100)
+  assert ed['all']['mean'] == pytest.approx(100 * (575 - 560) / 560)
+  assert es['basal']['mean'] == pytest.approx(25.0) and es['apical']['mean'] == 0.0
+  assert es['all']['mean'] == pytest.approx(100 * 10 / 90) and es['all']['n'] == 1
 
 
 def _split(tmp_path, name, train_cases, eval_cases, split='kfold'):
@@ -154,6 +177,7 @@ def test_two_fold_agreement_end_to_end(tiny_config, tmp_path):
   assert endo['over_cases']['good_pct']['n'] == 30
   assert endo['over_folds']['dice']['mean'] == pytest.approx(np.mean(
       [endo['per_fold'][k]['dice'] for k in ('fold0', 'fold1')]))
+  assert result['png']['area_bias']['es']['all']['n'] == 16   # one value per measured case
 
 
 def test_tta_runs_every_fold_model_augmented_and_needs_flip_training(smoke_copy, monkeypatch):
