@@ -14,9 +14,11 @@ Expert areas are the areas inside the expert masks' outlines moved in by the mas
 frames; the predictions go through the slice rules of `clinical.lv_measurements`.
 
 Reported per quantity: bias (mean difference), 95% limits of agreement (bias +- 1.96 SD),
-Pearson correlation, and a Bland-Altman plot. On the same held-out frames, the masks and
-sub-pixel contours predict writes (post-processed) are scored by the challenge protocol
-(`contour_accuracy`), beside `--mode=evaluate`'s outlines of the raw argmax masks.
+Pearson correlation, and a Bland-Altman plot; and where the volume differences arise, the cavity
+area bias per third of the slices at ED and ES (`area_bias_by_level`). On the same held-out
+frames, the masks and sub-pixel contours predict writes (post-processed) are scored by the
+challenge protocol (`contour_accuracy`), beside `--mode=evaluate`'s outlines of the raw argmax
+masks.
 """
 
 import dataclasses
