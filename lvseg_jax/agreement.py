@@ -238,6 +238,8 @@ def _measure_with(runs: Sequence[str], config: ml_collections.ConfigDict, variab
   data_config.cache_dir = ''
   frames = data_lib.load_frames(data_config, cases=list(cases))
   model = models.get_model(config.model)
+  # One compiled forward pass for all the cases (every batch is padded to one shape).
+  forward_fn = inference.make_forward_fn(model, inference.tta_mode(config.predict))
   out, records = {}, {'endocardium': [], 'epicardium': []}
   for case in cases:
     case_frames = _with_grid([f for f in frames if f.case == case])
@@ -248,7 +250,7 @@ def _measure_with(runs: Sequence[str], config: ml_collections.ConfigDict, variab
     else:
       spacing = NOMINAL_SLICE_SPACING_MM
     predictions = inference.predict_frames(model, variables, case_frames, config,
-                                           desc=case)
+                                           forward_fn=forward_fn, desc=case)
     out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=runs[0],
                      runs=list(runs), source=source, slice_spacing_mm=spacing,
                      frames=len(case_frames))
