@@ -384,6 +384,43 @@ def test_mcd_hd95_offset_circles_analytic():
   assert metrics.hausdorff95_mm(a, b, 1.0) == pytest.approx(np.percentile(da, 95), abs=2e-3)
 
 
+def all_segments_distance(points, poly):
+  """Oracle: distance of each point to every segment of the closed polygon, the least kept."""
+  best = np.full(len(points), np.inf)
+  for p, q in zip(poly, np.roll(poly, -1, axis=0)):
+    d = q - p
+    t = np.clip((points - p) @ d / max(d @ d, 1e-300), 0.0, 1.0)
+    best = np.minimum(best, np.linalg.norm(points - (p + t[:, None] * d), axis=1))
+  return best
+
+
+def test_point_to_polyline_is_exact_on_ragged_and_long_segment_polygons():
+  rng = np.random.default_rng(0)
+  # A ragged random-walk outline (an untrained model's contour) and points around it.
+  walk = np.cumsum(rng.choice([-1.0, 0.0, 1.0], size=(400, 2)), axis=0) + 50.0
+  # A square drawn densely on three sides and by one 100-px segment on the fourth: a point near
+  # that segment is far from every vertex, so a distance to vertices would be wrong there.
+  side = np.linspace(0.0, 100.0, 201)[:-1]
+  square = np.concatenate([np.stack([100 + 0 * side, side], 1), np.stack([100 - side,
+                          100 + 0 * side], 1), np.stack([0 * side, 100 - side], 1)])
+  square = np.vstack([square, [[0.0, 0.0]]])   # closes with (0, 0) -> (100, 0)
+  # 40 vertices at random angles and radii: short and long segments side by side.
+  stars = []
+  for _ in range(4):
+    angle, radius = np.sort(rng.uniform(0, 2 * np.pi, 40)), rng.uniform(25, 55, 40)
+    stars.append(np.stack([50 + radius * np.cos(angle), 50 + radius * np.sin(angle)], axis=1))
+  triangle = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 5.0]])
+  for poly in (walk, square, *stars, triangle):
+    points = rng.uniform(poly.min() - 5, poly.max() + 5, size=(20000, 2))
+    points = np.vstack([points, poly + rng.normal(0, 0.3, poly.shape)])
+    got = metrics._point_to_polyline(points, poly)  # pylint: disable=protected-access
+    # Same point-to-segment distance, a different formula: float64 rounding only.
+    np.testing.assert_allclose(got, all_segments_distance(points, poly), rtol=0, atol=1e-9)
+  near_long = np.array([[10.0, 1.0], [50.0, -2.0], [90.0, 0.5]])
+  np.testing.assert_allclose(metrics._point_to_polyline(  # pylint: disable=protected-access
+      near_long, square), [1.0, 2.0, 0.5], rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Frames, cases, sets
 
