@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   aug.reference_size = 256           # alpha/sigma scale with image_size / reference_size
   aug.mode = 'constant'              # map_coordinates boundary: constant|nearest|wrap|mirror|reflect
   aug.cval = 0.0                     # image fill for mode='constant' (masks are filled with 0)
-  aug.intensity = False              # off until measured to help
+  aug.intensity = False              # no gain under 5-fold CV (docs/RESULTS.md)
   aug.gamma = (0.8, 1.25)            # log-uniform gamma on the per-image min-max range
   aug.contrast = (0.9, 1.1)          # factor about the per-image mean
   aug.noise_std = 0.03               # additive Gaussian noise, normalized-intensity units
