@@ -308,8 +308,8 @@ def _load_finished(cell_dir: str, config: ml_collections.ConfigDict
     done = json.load(f)
   now = _flat_config(config)
   then = done.get('config', {})
-  # Fields added to the config after the run are ignored: a new field's default keeps the old
-  # behaviour (the convention of data._DEFAULTS); a removed or changed field is a difference.
+  # Fields added to the config after the run are ignored: a field added to configs/default.py
+  # defaults to the behaviour from before it existed; a removed or changed field is a difference.
   changed = sorted(k for k in then if now.get(k, _MISSING) != then[k])
   if changed:
     diff = ', '.join(f'{k}: {then[k]!r} -> {now.get(k, "<absent>")!r}' for k in changed[:8])
