@@ -15,6 +15,8 @@ same command skips finished cells and resumes an interrupted one. Writes
 `<workdir>/results.md`, `results.json` and `boxplot.png`.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -74,6 +76,9 @@ def main(argv):
     with open(paths['markdown']) as f:
       print(f.read())
     logging.info('Wrote %s', ', '.join(paths.values()))
+  signums = [c.signum for c in cells if c.signum is not None]
+  if signums:  # as main.py exits when a signal stops training: the report above is partial
+    sys.exit(128 + signums[0])
 
 
 if __name__ == '__main__':

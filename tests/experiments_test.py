@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 
 import matplotlib.image
 import numpy as np
@@ -184,8 +185,10 @@ def _evaluation(seed: int) -> dict:
   return results_lib.evaluate(records)
 
 
-def _fake_train(calls, fail_for=(), interrupt_for=()):
-  """Stands in for train.train_and_evaluate: writes the evaluation JSON it would write."""
+def _fake_train(calls, fail_for=(), interrupt_for=(), signal_for=()):
+  """Stands in for train.train_and_evaluate: writes the evaluation JSON it would write; for
+  `interrupt_for` returns {} as `train.halt_after_steps` does, for `signal_for` raises
+  `train.Stopped` as a SIGTERM does."""
 
   def fake(config, workdir):
     calls.append(workdir)
@@ -193,6 +196,8 @@ def _fake_train(calls, fail_for=(), interrupt_for=()):
       raise RuntimeError(f'boom in {config.model.name}')
     if config.model.name in interrupt_for:
       return {}
+    if config.model.name in signal_for:
+      raise train.Stopped(signal.SIGTERM, 3)
     results = _evaluation(config.seed)
     results_lib.write_results(results, workdir, 'eval_' + '+'.join(config.data.eval_sets))
     return results
@@ -230,8 +235,24 @@ def test_run_grid_stops_after_an_interrupted_cell(tmp_path, monkeypatch):
   cells = experiments.run_grid(default.get_config(), {'model.name': ['unet', 'lnu', 'ibu']},
                                str(tmp_path))
   assert [c.status for c in cells] == ['finished', 'interrupted', 'pending']
+  assert [c.signum for c in cells] == [None, None, None]
   assert len(calls) == 2
   assert not os.path.exists(os.path.join(cells[1].workdir, experiments.DONE_FILE))
+
+
+@pytest.mark.parametrize('keep_going', [False, True])
+def test_run_grid_stops_on_a_signal_even_with_keep_going(tmp_path, monkeypatch, keep_going):
+  """A SIGTERM in a cell (train.Stopped) stops the grid: it is neither raised past the grid,
+  which could then not report the finished cells, nor a failure that keep_going goes past."""
+  calls = []
+  monkeypatch.setattr(train, 'train_and_evaluate', _fake_train(calls, signal_for=('lnu',)))
+  cells = experiments.run_grid(default.get_config(), {'model.name': ['unet', 'lnu', 'ibu']},
+                               str(tmp_path), keep_going=keep_going)
+  assert [c.status for c in cells] == ['finished', 'interrupted', 'pending']
+  assert [c.signum for c in cells] == [None, signal.SIGTERM, None]
+  assert len(calls) == 2
+  assert not os.path.exists(os.path.join(cells[1].workdir, experiments.FAILED_FILE))
+  assert 'model.name=lnu' in experiments.results_table(cells)  # the report still renders
 
 
 def test_run_grid_checks_every_cell_before_training(tmp_path, monkeypatch):

@@ -264,11 +264,12 @@ class CellResult:
     workdir: the cell's run folder.
     status: 'finished' (trained now), 'skipped' (finished earlier, results loaded), 'failed',
       'planned' (dry run), 'pending' (not reached: the grid stopped on a signal) or
-      'interrupted' (stopped by a signal; rerun to resume).
+      'interrupted' (stopped by a signal or `train.halt_after_steps`; rerun to resume).
     results: the `results.evaluate` results as written to the evaluation JSON (NaN as None),
       for 'finished' and 'skipped' cells.
     error: the traceback of a failed cell.
     seconds: training + evaluation time of a cell trained now (or when it was trained).
+    signum: the signal that stopped an 'interrupted' cell (None: `train.halt_after_steps`).
   """
   name: str
   overrides: dict[str, Any]
@@ -277,6 +278,7 @@ class CellResult:
   results: dict[str, Any] | None = None
   error: str | None = None
   seconds: float | None = None
+  signum: int | None = None
 
   @property
   def ok(self) -> bool:
@@ -400,6 +402,11 @@ def run_grid(base_config: ml_collections.ConfigDict, grid: Mapping[str, Sequence
     start = time.time()
     try:
       returned = train_lib.train_and_evaluate(config, cell_dir)
+    except train_lib.Stopped as e:  # the user's SIGTERM/SIGINT: never a failure to go past
+      result.status, result.signum, stopped = 'interrupted', e.signum, True
+      logging.warning('[%d/%d] %s: %s Not starting the remaining %d cell(s).', i, total, name,
+                      e, total - i)
+      continue
     except Exception:  # pylint: disable=broad-except
       if not keep_going:
         raise
@@ -410,7 +417,7 @@ def run_grid(base_config: ml_collections.ConfigDict, grid: Mapping[str, Sequence
       logging.error('[%d/%d] %s: FAILED (continuing; see %s):\n%s', i, total, name,
                     os.path.join(cell_dir, FAILED_FILE), result.error)
       continue
-    if not returned:  # stopped by SIGTERM/SIGINT or train.halt_after_steps: no results yet
+    if not returned:  # stopped by train.halt_after_steps: no results yet
       result.status, stopped = 'interrupted', True
       logging.warning('[%d/%d] %s: stopped before the end; rerun the same command to resume. '
                       'Not starting the remaining %d cell(s).', i, total, name, total - i)
