@@ -22,7 +22,7 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_INTS = ('train.num_epochs', 'train.warmup_steps', 'train.num_devices',
                       'train.num_overlays', 'predict.write_workers', 'train.tensorboard_images',
-                      'data.fold', 'data.kfold_seed', 'seed')
+                      'data.fold', 'data.kfold_seed', 'seed', 'model.deep_supervision')
 _POSITIVE_FLOATS = ('train.learning_rate', 'model.norm_epsilon', 'data.nominal_spacing_mm',
                     'eval.good_apd_mm')
 _NON_NEGATIVE_FLOATS = ('train.weight_decay', 'train.grad_clip_norm', 'train.end_lr_factor',
@@ -48,8 +48,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first field whose value is out of range.
 
   Besides single fields: `train.num_steps` is -1 or positive, `data.fold` is below
-  `data.num_folds`, `data.image_size` is divisible by 2**model.depth, `predict.areas` is a known
-  method, and `model.num_classes` matches `data.myocardium` (2 or 3).
+  `data.num_folds`, `data.image_size` is divisible by 2**model.depth, `model.deep_supervision` is
+  below `model.depth`, `predict.areas` is a known method, and `model.num_classes` matches
+  `data.myocardium` (2 or 3).
   """
   def fail(key: str, rule: str) -> None:
     raise ConfigError(f'config.{key}={_get(config, key)!r}: {rule}.')
@@ -89,6 +90,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('data.num_folds', 'must be >= 2')
   if config.data.fold >= config.data.num_folds:
     fail('data.fold', f'must be below data.num_folds={config.data.num_folds}')
+  if config.model.deep_supervision >= config.model.depth:
+    fail('model.deep_supervision', f'must be below model.depth={config.model.depth} (the '
+         'decoder levels under the output)')
   if config.data.image_size % 2**config.model.depth:
     fail('data.image_size', f'must be divisible by 2**model.depth = {2**config.model.depth} '
          '(each level halves it)')

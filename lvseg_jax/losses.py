@@ -1,5 +1,7 @@
 """The training loss: pixel cross-entropy and soft Dice, with partial labels."""
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -55,3 +57,34 @@ def per_sample_losses(logits: jax.Array, masks: jax.Array,
   hard = jnp.where(denom > 0, 2.0 * jnp.sum(pred * true, axis=(1, 2)) / jnp.maximum(denom, 1.0),
                    1.0)
   return ce, dice_loss, hard
+
+
+def training_loss(logits: jax.Array, masks: jax.Array, ce_weight: float, dice_weight: float,
+                  aux: Mapping[int, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-sample `ce_weight * CE + dice_weight * soft-Dice loss`, with deep supervision.
+
+  Deep supervision (nnU-Net's weights): the logits of decoder level l (`aux`, at 1/2**l of the
+  resolution) are upsampled bilinearly to the masks' size and scored alike; the loss is the
+  mean over the outputs weighted 2**-l (1 for the output itself), normalized to sum to 1.
+  Upsampling the logits rather than downsampling the masks keeps partial labels exact.
+
+  Args:
+    logits: (N, H, W, K) the network's output.
+    masks: (N, H, W) class maps, as for `per_sample_losses`.
+    ce_weight, dice_weight: the two terms' weights (`config.train`).
+    aux: {level: (N, H / 2**level, W / 2**level, K)} (`models.aux_logits`); None or {}: none.
+
+  Returns:
+    The weighted loss (N,), and the output's own CE (N,) and hard cavity Dice (N,).
+  """
+  ce, dice_loss, hard_dice = per_sample_losses(logits, masks)
+  loss = ce_weight * ce + dice_weight * dice_loss
+  total_weight = 1.0
+  for level, level_logits in sorted((aux or {}).items()):
+    up = jax.image.resize(level_logits, logits.shape, method='bilinear')
+    level_ce, level_dice, _ = per_sample_losses(up, masks)
+    weight = 0.5**level
+    loss = loss + weight * (ce_weight * level_ce + dice_weight * level_dice)
+    total_weight += weight
+  return loss / total_weight, ce, hard_dice

@@ -27,6 +27,9 @@ ModuleDef = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# The collection the deep-supervision heads `sow` their logits into (Flax's name for it).
+AUX_COLLECTION = 'intermediates'
+
 
 class ConvBlock(nn.Module):
   """Two 3x3 convolutions, each followed by a normalization and a ReLU."""
@@ -56,6 +59,8 @@ class UNet(nn.Module):
     depth: number of 2x2 max-poolings (the bottleneck is block `depth`).
     use_bias: convolution biases (redundant before a normalization with its own bias).
     dtype: activation dtype; parameters and normalization statistics stay float32.
+    deep_supervision: decoder levels 1..k below the output get a 1x1 head of their own whose
+      logits go to the `AUX_COLLECTION` collection (`aux_logits`); 0: none.
   """
   norm: ModuleDef = norms.Identity
   first_norm: ModuleDef | None = None
@@ -64,6 +69,7 @@ class UNet(nn.Module):
   depth: int = 4
   use_bias: bool = True
   dtype: Any = jnp.float32
+  deep_supervision: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, mask: Array | None = None) -> Array:
@@ -75,6 +81,9 @@ class UNet(nn.Module):
     size = x.shape[1:3]
     if size[0] % 2**self.depth or size[1] % 2**self.depth:
       raise ValueError(f'Input size {size} must be divisible by 2**depth = {2**self.depth}.')
+    if not 0 <= self.deep_supervision < self.depth:
+      raise ValueError(f'deep_supervision={self.deep_supervision} must be in [0, depth - 1 = '
+                       f'{self.depth - 1}] (decoder levels below the output).')
     norm = norms.for_mode(self.norm, train)
     first_norm = norm if self.first_norm is None else norms.for_mode(self.first_norm, train)
     block = functools.partial(ConvBlock, use_bias=self.use_bias, dtype=self.dtype)
@@ -94,6 +103,11 @@ class UNet(nn.Module):
                            name=f'upconv{level}')(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(features, norm, name=f'up{level}')(x, mask)
+      if 0 < level <= self.deep_supervision:
+        # Deep supervision (as in nnU-Net): the train step reads these logits only when it
+        # makes the collection mutable; otherwise `sow` keeps nothing and XLA drops the head.
+        aux = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f'aux_head{level}')(x)
+        self.sow(AUX_COLLECTION, f'level{level}', aux.astype(jnp.float32))
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32)
 
@@ -104,7 +118,7 @@ def _unet(cfg: ml_collections.ConfigDict, norm: ModuleDef, first_norm: ModuleDef
     raise ValueError(f'Unknown model.dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}.')
   return UNet(norm=norm, first_norm=first_norm, num_classes=cfg.num_classes,
               base_width=cfg.base_width, depth=cfg.depth, use_bias=norm is norms.Identity,
-              dtype=DTYPES[cfg.dtype])
+              dtype=DTYPES[cfg.dtype], deep_supervision=cfg.deep_supervision)
 
 
 def _batch_norm(cfg: ml_collections.ConfigDict, axis_name: str | None) -> ModuleDef:
@@ -161,6 +175,13 @@ def get_model(cfg: ml_collections.ConfigDict, axis_name: str | None = None) -> U
   if cfg.name not in MODELS:
     raise ValueError(f'Unknown model name {cfg.name!r}; choose one of {sorted(MODELS)}.')
   return MODELS[cfg.name](cfg, axis_name)
+
+
+def aux_logits(collections: dict[str, Any]) -> dict[int, Array]:
+  """{decoder level: (N, S / 2**level, S / 2**level, K) logits} of the deep-supervision heads,
+  from the mutable collections an `apply(..., mutable=[AUX_COLLECTION, ...])` returned."""
+  sown = collections.get(AUX_COLLECTION, {})
+  return {int(name.removeprefix('level')): values[0] for name, values in sown.items()}
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_size: int,

@@ -121,17 +121,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   count = jnp.maximum(count, 1.0)
   has_stats = bool(state.batch_stats)
 
+  mutable = (['batch_stats'] if has_stats else []) + (
+      [models.AUX_COLLECTION] if config.model.deep_supervision else [])
+
   def loss_fn(params):
     variables = {'params': params}
+    kwargs = {}
     if has_stats:
       variables['batch_stats'] = state.batch_stats
       # Padded rows (valid=False) stay out of the batch statistics, as out of the loss.
-      logits, updates = state.apply_fn(variables, images, train=True, mask=batch['valid'],
-                                       mutable=['batch_stats'])
+      kwargs['mask'] = batch['valid']
+    if mutable:
+      logits, updates = state.apply_fn(variables, images, train=True, mutable=mutable, **kwargs)
     else:
       logits, updates = state.apply_fn(variables, images, train=True), {}
-    ce, dice_loss, hard_dice = losses.per_sample_losses(logits, masks)
-    per_sample = config.train.ce_weight * ce + config.train.dice_weight * dice_loss
+    per_sample, ce, hard_dice = losses.training_loss(
+        logits, masks, config.train.ce_weight, config.train.dice_weight,
+        aux=models.aux_logits(updates))
     loss = jnp.sum(per_sample * valid) / count
     sums = {'ce': jnp.sum(ce * valid), 'dice': jnp.sum(hard_dice * valid)}
     return loss, (updates, sums)

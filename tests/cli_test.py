@@ -172,7 +172,9 @@ def test_damaged_best_checkpoint_in_evaluate_names_the_folder(trained, tmp_path)
 @pytest.mark.parametrize('key,value', [('train.batch_size', 0), ('train.batch_size', -4),
                                        ('eval.batch_size', 0), ('predict.batch_size', 0),
                                        ('train.num_steps', 0), ('data.fold', 7),
-                                       ('model.depth', 0), ('train.learning_rate', -1.0)])
+                                       ('model.depth', 0), ('train.learning_rate', -1.0),
+                                       ('model.deep_supervision', 9),
+                                       ('model.deep_supervision', -1)])
 def test_every_size_field_is_checked_up_front(tiny_config, tmp_path, key, value):
   config = tiny_config()
   section, field = key.split('.')

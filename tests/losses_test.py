@@ -95,3 +95,31 @@ def test_loss_gradient_matches_finite_differences():
     step[index] = eps
     expected = (np_total(logits + step) - np_total(logits - step)) / (2 * eps)
     np.testing.assert_allclose(got[index], expected, rtol=1e-3, atol=1e-6, err_msg=str(index))
+
+
+def test_deep_supervision_loss_weights_each_level_by_hand():
+  """Spatially uniform level logits upsample to themselves (any interpolation), so each level's
+  loss is the NumPy loss of the broadcast logits; levels 1 and 2 weigh 1/2 and 1/4 against the
+  output's 1, normalized (nnU-Net's weights)."""
+  rng = np.random.default_rng(4)
+  logits = rng.normal(0, 2, (2, 8, 8, 2)).astype(np.float32)
+  masks = (rng.random((2, 8, 8)) < 0.4).astype(np.int32)
+  uniform = {level: rng.normal(0, 2, (2, 1, 1, 2)).astype(np.float32) for level in (1, 2)}
+  aux = {level: jnp.asarray(np.broadcast_to(u, (2, 8 >> level, 8 >> level, 2)))
+         for level, u in uniform.items()}
+  ce_weight, dice_weight = 0.7, 1.3
+
+  def term(x):
+    ce, dice_loss, _ = _np_losses(np.broadcast_to(x, logits.shape).astype(np.float64), masks)
+    return ce_weight * ce + dice_weight * dice_loss
+
+  loss, ce, hard = losses.training_loss(jnp.asarray(logits), jnp.asarray(masks), ce_weight,
+                                        dice_weight, aux=aux)
+  expected = (term(logits) + 0.5 * term(uniform[1]) + 0.25 * term(uniform[2])) / 1.75
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)   # float32 against float64
+  want_ce, _, want_hard = _np_losses(logits.astype(np.float64), masks)
+  np.testing.assert_allclose(ce, want_ce, rtol=1e-5)      # the output's own figures
+  np.testing.assert_allclose(hard, want_hard, rtol=1e-6)
+  alone, _, _ = losses.training_loss(jnp.asarray(logits), jnp.asarray(masks), ce_weight,
+                                     dice_weight)
+  np.testing.assert_allclose(alone, term(logits), rtol=1e-5)

@@ -206,3 +206,35 @@ def test_injected_flax_batchnorm_gives_the_bn_unet():
     np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_deep_supervision_heads_read_their_decoder_level_and_leave_the_output_alone():
+  """Levels 1..k get a 1x1 head on that decoder block's output, at 1/2**level resolution
+  (checked against the block's features captured from the model without heads, times the
+  head's kernel); the output is the model without heads (same parameters otherwise)."""
+  cfg = _model_config('ibu', depth=3, deep_supervision=2)
+  model = models.get_model(cfg)
+  variables = models.init_variables(model, jax.random.key(0), 32)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  out, sown = model.apply(variables, x, train=False, mutable=[models.AUX_COLLECTION])
+  aux = models.aux_logits(sown)
+  assert sorted(aux) == [1, 2]
+  plain = models.get_model(_model_config('ibu', depth=3))
+  params = {k: v for k, v in variables['params'].items() if not k.startswith('aux_head')}
+  assert len(params) == len(variables['params']) - 2
+  ref, captured = plain.apply(dict(variables, params=params), x, train=False,
+                              capture_intermediates=lambda m, _: m.name in ('up1', 'up2'),
+                              mutable=['intermediates'])
+  np.testing.assert_array_equal(out, ref)
+  for level in (1, 2):
+    assert aux[level].shape == (2, 32 >> level, 32 >> level, cfg.num_classes)
+    features = np.asarray(captured['intermediates'][f'up{level}']['__call__'][0], np.float64)
+    head = variables['params'][f'aux_head{level}']
+    want = features @ np.asarray(head['kernel'][0, 0], np.float64) + np.asarray(head['bias'])
+    # 8 to 16 float32 products per logit: a few ulp of the features' scale.
+    np.testing.assert_allclose(aux[level], want, rtol=1e-5, atol=1e-5)
+  # Without the collection mutable the heads leave nothing behind.
+  assert models.aux_logits({}) == {}
+  with pytest.raises(ValueError, match='deep_supervision=3'):
+    models.init_variables(models.get_model(_model_config('ibu', depth=3, deep_supervision=3)),
+                          jax.random.key(0), 32)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import smoke
+from lvseg_jax import losses
 from lvseg_jax import models
 from lvseg_jax import train
 
@@ -185,3 +186,28 @@ def test_pmap_is_a_deprecated_name_for_shard_map():
   config = _config(parallel='pmap')
   assert train.parallel_mode(config.train) == 'shard_map'
   assert train.axis_name_for(config.train) == train.AXIS
+
+
+def test_deep_supervision_trains_its_heads_with_the_weighted_loss():
+  """model.deep_supervision=1: the level-1 head's parameters move, and the step's loss is
+  (output + level 1 / 2) / 1.5 of the two outputs' losses (the weighting itself is checked
+  against NumPy in losses_test)."""
+  config = _config('ibu')
+  config.model.deep_supervision = 1
+  model = models.get_model(config.model)
+  mesh = train.make_mesh(jax.devices()[:1])
+  schedule = train.learning_rate_schedule(config.train, 10)
+  state = train.create_train_state(config, model, jax.random.key(0), 10)
+  batch = _batch(4)
+  step = train.make_train_step(config, mesh, schedule)
+  new_state, metrics = step(jax.tree_util.tree_map(jnp.array, state), batch, jax.random.key(1))
+  head = state.params['aux_head1']['kernel']
+  assert np.abs(np.asarray(new_state.params['aux_head1']['kernel']) - head).max() > 1e-4
+  logits, updates = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                                batch['image'], train=True, mask=batch['valid'],
+                                mutable=['batch_stats', models.AUX_COLLECTION])
+  up = jax.image.resize(models.aux_logits(updates)[1], logits.shape, method='bilinear')
+  weights = config.train.ce_weight, config.train.dice_weight
+  term = lambda z: sum(w * t for w, t in zip(weights, losses.per_sample_losses(z, batch['mask'])))
+  expected = np.mean((term(logits) + 0.5 * term(up)) / 1.5)
+  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)   # same float32 sums
