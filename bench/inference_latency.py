@@ -61,11 +61,16 @@ def parse_args(argv=None):
   p.add_argument('--configs', default='cpu,full', help=f'comma list of {sorted(CONFIGS)}')
   p.add_argument('--series', default=DEFAULT_SERIES, help='a DICOM series folder')
   p.add_argument('--repeats', type=int, default=3, help='CLI runs per configuration')
-  p.add_argument('--batch-size', type=int, default=16, help='config.predict.batch_size')
+  p.add_argument('--batch-size', type=int, default=0,
+                 help="config.predict.batch_size (0: configs/default.py's)")
   p.add_argument('--json', default='', help='also write the results here')
   p.add_argument('--child-stages', default='', help=argparse.SUPPRESS)  # internal
   p.add_argument('--child-workdir', default='', help=argparse.SUPPRESS)  # internal
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not args.batch_size:
+    from configs import default  # pylint: disable=g-import-not-at-top
+    args.batch_size = default.get_config().predict.batch_size
+  return args
 
 
 def load_config(name: str, batch_size: int):

@@ -137,7 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- prediction
   config.predict = pr = ml_collections.ConfigDict()
   pr.checkpoint = 'best'             # best | latest
-  pr.batch_size = 16                 # frames per jitted forward pass (last batch padded)
+  pr.batch_size = 4                  # frames per jitted forward pass (last batch padded); 4
+                                     # ran the shipped network fastest on 2 CPU cores (3.2-3.8 s
+                                     # for 240 frames, 4.1 s at 16: docs/BENCHMARKS.md)
   pr.largest_component = True        # keep the largest 4-connected component of each mask
   pr.fill_holes = True               # fill holes (papillary muscles count as cavity in SCD)
   pr.tta = False                     # test-time augmentation, softmax averaged; saves the
