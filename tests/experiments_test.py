@@ -4,6 +4,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -253,6 +255,41 @@ def test_run_grid_stops_on_a_signal_even_with_keep_going(tmp_path, monkeypatch, 
   assert len(calls) == 2
   assert not os.path.exists(os.path.join(cells[1].workdir, experiments.FAILED_FILE))
   assert 'model.name=lnu' in experiments.results_table(cells)  # the report still renders
+
+
+_ABLATE_UNDER_A_SIGNAL = """
+import signal, sys
+from absl import app
+import ablate
+from lvseg_jax import experiments
+workdir = sys.argv[2].split('=', 1)[1]
+cells = [experiments.CellResult(name='seed=0', overrides={'seed': 0}, workdir=workdir,
+                                status='interrupted', signum=int(signal.SIGTERM))]
+experiments.run_grid = lambda *args, **kwargs: cells   # as run_grid returns after a SIGTERM
+
+
+def report(cells, workdir, config, group_by):
+  with open(workdir + '/results.md', 'w') as f:
+    f.write('the finished cells')
+  return {'markdown': workdir + '/results.md'}
+
+
+experiments.write_report = report
+app.run(ablate.main)
+"""
+
+
+def test_ablate_writes_the_report_then_exits_with_128_plus_the_signal(tmp_path):
+  """ablate.py after a grid stopped by SIGTERM: the report of the finished cells, then exit
+  status 143, as main.py exits (in a child process: ablate defines absl flags globally)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-c', _ABLATE_UNDER_A_SIGNAL, '--config=configs/smoke.py',
+       f'--workdir={tmp_path}', '--grid={"seed": [0]}'],
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+  assert 'the finished cells' in done.stdout
+  assert (tmp_path / 'results.md').exists()
 
 
 def test_run_grid_checks_every_cell_before_training(tmp_path, monkeypatch):
