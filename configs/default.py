@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.bn_momentum = 0.9      # Flax convention: running = m * running + (1 - m) * batch
   model.norm_epsilon = 1e-5
   model.dtype = 'float32'      # activation dtype: float32 | bfloat16 (statistics stay float32)
-  model.deep_supervision = 0   # k > 0: decoder levels 1..k (1/2 .. 1/2**k resolution) get a head
-                               # of their own, trained too (loss weight 2**-level, nnU-Net's)
+  model.deep_supervision = 0   # k > 0: decoder levels 1..k get 1x1 heads, trained too (weights
+                               # 2**-level, nnU-Net's); no gain under 5-fold CV (docs/RESULTS.md)
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
