@@ -233,8 +233,9 @@ def test_deep_supervision_heads_read_their_decoder_level_and_leave_the_output_al
     want = features @ np.asarray(head['kernel'][0, 0], np.float64) + np.asarray(head['bias'])
     # 8 to 16 float32 products per logit: a few ulp of the features' scale.
     np.testing.assert_allclose(aux[level], want, rtol=1e-5, atol=1e-5)
-  # Without the collection mutable the heads leave nothing behind.
-  assert models.aux_logits({}) == {}
+  # Without the collection mutable (a step without deep supervision) the heads leave nothing.
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert set(updates) == {'batch_stats'} and models.aux_logits(updates) == {}
   with pytest.raises(ValueError, match='deep_supervision=3'):
     models.init_variables(models.get_model(_model_config('ibu', depth=3, deep_supervision=3)),
                           jax.random.key(0), 32)
