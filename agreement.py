@@ -25,6 +25,9 @@ flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], "Each fold's final
 flags.DEFINE_string('tta', 'none', 'Test-time augmentation of every fold model: none | lr | '
                     'flips | d4 (lvseg_jax.predict.inference.TTA_TRANSFORMS); only for models '
                     'trained with flip augmentation.')
+flags.DEFINE_string('localizer', None, "For resize_mode='roi' fold runs: a k-fold folder of "
+                    'the same folds whose runs find the LV (each case by the run that held it '
+                    "out); default: each run's data.roi_localizer.")
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -35,7 +38,8 @@ def main(argv):
   from lvseg_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpointing.quiet_orbax_logging()
   try:
-    agreement.run_agreement(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.tta)
+    agreement.run_agreement(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.tta,
+                            FLAGS.localizer)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
 

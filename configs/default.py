@@ -64,6 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.kfold_seed = 0          # kfold: shuffle of cases within pathology groups
   data.image_size = 256        # network input is image_size x image_size
   data.resize_mode = 'resize'  # resize (longer side to S, aspect kept) | crop (centre crop/pad)
+                               # | roi (a roi_mm square around the LV, resampled to S)
+  data.roi_mm = 120.0          # roi: the square's side; centred on the expert's LV in
+                               # training, on roi_localizer's segmentation otherwise
+  data.roi_localizer = ''      # roi: the model that finds the LV (a shipped model's name or
+                               # a workdir, of another resize_mode)
   data.clip_percentiles = (1.0, 99.0)
   data.nominal_spacing_mm = 1.3672  # used for PNG data without a spacing table (warned)
   data.spacing_table = ''      # optional CSV: case,pixel_spacing_mm (or case,row_mm,col_mm)

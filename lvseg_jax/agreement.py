@@ -43,6 +43,7 @@ from lvseg_jax import models
 from lvseg_jax import results as results_lib
 from lvseg_jax.predict import inference
 from lvseg_jax.predict import measure
+from lvseg_jax.predict import roi
 
 # Nominal spacing between slices of the PNG copy (no headers): cancels in every % and EF.
 NOMINAL_SLICE_SPACING_MM = 10.0
@@ -189,6 +190,11 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
   return owner
 
 
+def _train_cases(run: str) -> set[str]:
+  with open(os.path.join(run, 'split.json')) as f:
+    return set(json.load(f)['train_cases'])
+
+
 def held_out_groups(cv_dirs: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
   """(one run per folder) -> the cases those runs held out, for folders of the same folds.
 
@@ -203,10 +209,7 @@ def held_out_groups(cv_dirs: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
   for case in sorted(owners[0]):
     groups.setdefault(tuple(owner[case] for owner in owners), []).append(case)
   for runs in groups:
-    trained_on = []
-    for run in runs:
-      with open(os.path.join(run, 'split.json')) as f:
-        trained_on.append(set(json.load(f)['train_cases']))
+    trained_on = [_train_cases(run) for run in runs]
     if any(t != trained_on[0] for t in trained_on[1:]):
       raise ValueError(f'{", ".join(runs)}: trained on different cases, so not one fold')
   return groups
@@ -228,11 +231,44 @@ def _load_group(runs: Sequence[str], checkpoint: str, tta: str
   return config, [v for _, v in loaded] if len(loaded) > 1 else loaded[0][1]
 
 
+def fold_localizers(groups: dict[tuple[str, ...], list[str]],
+                    configs: dict[tuple[str, ...], ml_collections.ConfigDict],
+                    localizer_dir: str | None, checkpoint: str
+                    ) -> dict[tuple[str, ...], roi.Localizer | None]:
+  """The localizer of each group of 'roi' fold runs (None for other runs): the run of the k-fold
+  folder `localizer_dir` that held out the same cases, trained on the same ones; without that
+  folder, the runs' own `data.roi_localizer`, if its split.json shows it never trained on the
+  held-out cases (a shipped model trained on all of them)."""
+  owner = held_out_cases(localizer_dir) if localizer_dir else {}
+  out = {}
+  for runs, cases in groups.items():
+    config = configs[runs]
+    if config.data.resize_mode != data_lib.ROI_MODE:
+      out[runs] = None
+      continue
+    if localizer_dir:
+      found = {owner.get(case) for case in cases}
+      run = found.pop() if len(found) == 1 else None
+      if run is None or _train_cases(run) != _train_cases(runs[0]):
+        raise ValueError(f'{localizer_dir}: no run of it held out exactly the cases of '
+                         f'{runs[0]} ({", ".join(cases)}): not the same folds')
+    else:
+      run = roi.resolve(config.data.roi_localizer)
+      seen = (_train_cases(run) & set(cases) if os.path.exists(os.path.join(run, 'split.json'))
+              else {'(no split.json: unknown)'})
+      if seen:
+        raise ValueError(f'{runs[0]}: its localizer {run} trained on held-out cases '
+                         f'{sorted(seen)}; give --localizer=<a k-fold folder of the same folds>')
+    out[runs] = roi.Localizer(run, config, checkpoint)
+  return out
+
+
 def _measure_with(runs: Sequence[str], config: ml_collections.ConfigDict, variables: Any,
-                  cases: Sequence[str], source: str
+                  cases: Sequence[str], source: str, localizer: roi.Localizer | None = None
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
   """Measures `cases` with the model of `runs` (`_load_group`) on the `source` copy of the
-  data; also returns the `contour_records` of their frames."""
+  data (a 'roi' model's windows where `localizer` finds the LV); also returns the
+  `contour_records` of their frames."""
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.source = source
   data_config.cache_dir = ''
@@ -249,8 +285,9 @@ def _measure_with(runs: Sequence[str], config: ml_collections.ConfigDict, variab
       spacing, _, _ = measure.slice_spacing(case_frames)
     else:
       spacing = NOMINAL_SLICE_SPACING_MM
-    predictions = inference.predict_frames(model, variables, case_frames, config,
-                                           forward_fn=forward_fn, desc=case)
+    predictions = inference.predict_frames(
+        model, variables, case_frames, config, forward_fn=forward_fn, desc=case,
+        centres=localizer.centres(case_frames) if localizer else None)
     out[case] = dict(measure_case(case_frames, predictions, spacing, config), run=runs[0],
                      runs=list(runs), source=source, slice_spacing_mm=spacing,
                      frames=len(case_frames))
@@ -398,7 +435,8 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
-                  checkpoint: str = 'latest', tta: str = 'none') -> dict[str, Any]:
+                  checkpoint: str = 'latest', tta: str = 'none',
+                  localizer: str | None = None) -> dict[str, Any]:
   """Measures every held-out case of a k-fold folder; writes agreement.{json,md,png}.
 
   Args:
@@ -410,6 +448,8 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
       'best' (the checkpoint with the best Dice on them, an optimistic choice).
     tta: test-time augmentation, a key of `inference.TTA_TRANSFORMS` ('none': one pass); only
       for fold models trained with flips.
+    localizer: for resize_mode 'roi' fold runs, a k-fold folder of the same folds whose runs
+      find the LV (`fold_localizers`).
   """
   cv_dirs = [cv_dir] if isinstance(cv_dir, str) else list(cv_dir)
   if tta not in inference.TTA_TRANSFORMS:
@@ -423,8 +463,11 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
     if unseen:   # predict only warns; here a figure would be reported, so refuse it up front
       raise ValueError(f'{run}: tta={tta!r}, but {unseen}')
   loaded = {runs: _load_group(runs, checkpoint, tta) for runs in groups}  # once for both copies
+  localizers = fold_localizers(groups, {runs: c for runs, (c, _) in loaded.items()}, localizer,
+                               checkpoint)
   result: dict[str, Any] = {'cv_dir': [os.path.abspath(d) for d in cv_dirs],
-                            'checkpoint': checkpoint, 'tta': tta, 'cases': {}}
+                            'checkpoint': checkpoint, 'tta': tta, 'cases': {},
+                            'localizer': localizer and os.path.abspath(localizer)}
   result['contours'] = {}
   for source in ('png', 'dicom'):
     cases: dict[str, dict[str, Any]] = {}
@@ -432,7 +475,7 @@ def run_agreement(cv_dir: str | Sequence[str], output: str | None = None,
     for runs, mine in groups.items():
       try:
         measured, records[os.path.basename(runs[0])] = _measure_with(
-            runs, *loaded[runs], mine, source)
+            runs, *loaded[runs], mine, source, localizers[runs])
       except data_lib.DataError as e:   # e.g. no DICOM copy of any of these cases
         logging.info('%s (%s): %s', ', '.join(runs), source, e)
         continue

@@ -105,8 +105,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # Fields the trained weights depend on: the architecture and the preprocessing. Evaluate and
 # predict take them from the workdir; every other field comes from the command line.
-TRAINED_FIELDS = ('model.', 'data.image_size', 'data.resize_mode', 'data.clip_percentiles',
-                  'data.myocardium', 'data.mask_outset_px')
+TRAINED_FIELDS = ('model.', 'data.image_size', 'data.resize_mode', 'data.roi_mm',
+                  'data.clip_percentiles', 'data.myocardium', 'data.mask_outset_px')
+# Fields evaluate and predict take from the workdir unless the command line sets them.
+WORKDIR_DEFAULTS = ('data.roi_localizer',)
 
 
 def _trained(key: str) -> bool:
@@ -120,7 +122,8 @@ def trained_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict,
                    overridden: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """This command's config with the trained run's `TRAINED_FIELDS` (the one rule of
+  """This command's config with the trained run's `TRAINED_FIELDS`, and its
+  `WORKDIR_DEFAULTS` where the command line does not set them (the one rule of
   `--mode=evaluate` and `--mode=predict`).
 
   Args:
@@ -140,7 +143,9 @@ def config_for_run(config: ml_collections.ConfigDict, trained: ml_collections.Co
         '(architecture and preprocessing) come from the workdir. Drop the flag, or train a new '
         'run with it.')
   run = ml_collections.ConfigDict(config.to_dict())
-  for key, value in trained_fields(trained).items():
+  taken = trained_fields(trained)
+  taken.update({k: then[k] for k in WORKDIR_DEFAULTS if k in then and k not in overridden})
+  for key, value in taken.items():
     section, _, field = key.rpartition('.')
     run[section][field] = value
   return run

@@ -24,7 +24,7 @@ _NON_NEGATIVE_INTS = ('train.num_epochs', 'train.warmup_steps', 'train.num_devic
                       'train.num_overlays', 'predict.write_workers', 'train.tensorboard_images',
                       'data.fold', 'data.kfold_seed', 'seed', 'model.deep_supervision')
 _POSITIVE_FLOATS = ('train.learning_rate', 'model.norm_epsilon', 'data.nominal_spacing_mm',
-                    'eval.good_apd_mm')
+                    'eval.good_apd_mm', 'data.roi_mm')
 _NON_NEGATIVE_FLOATS = ('train.weight_decay', 'train.grad_clip_norm', 'train.end_lr_factor',
                         'train.dice_weight', 'train.ce_weight', 'predict.slice_spacing_mm',
                         'data.mask_outset_px', 'predict.min_apical_cavity_mm2')

@@ -16,6 +16,7 @@ from lvseg_jax import data as data_lib
 from lvseg_jax import models
 from lvseg_jax import plots
 from lvseg_jax import results as results_lib
+from lvseg_jax.predict import roi
 
 
 def make_predict_fn(model) -> Callable:
@@ -134,12 +135,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     wanted += (data_lib.available_cases(config.data) if name == data_lib.ALL_CASES
                else data_lib.get_official_set(name))
   eval_ds = data_lib.load_dataset(config.data, cases=wanted, name=config.eval.split)
+  localizer = roi.Localizer.for_config(config)
+  if localizer:   # both stages, as predict runs them (the cache centres windows on the expert)
+    eval_ds = data_lib.build_dataset(eval_ds.frames, config.data, eval_ds.name, eval_ds.skipped,
+                                     centres=localizer.centres(eval_ds.frames))
   predict_fn = make_predict_fn(models.get_model(config.model))
   results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
   name = eval_name(config)
   results['evaluated'] = {'checkpoint': config.eval.checkpoint, 'sets': _eval_sets(config),
                           **{k: config.data[k] for k in ('root', 'source', 'contour',
-                                                         'spacing_table', 'on_error')}}
+                                                         'spacing_table', 'on_error')},
+                          'localizer': localizer and os.path.abspath(localizer.workdir)}
   results_lib.write_results(results, workdir, name)
   plots.overlay_grid(eval_ds.frames, predictions, os.path.join(workdir, f'{name}_overlays.png'),
                      max_items=config.train.num_overlays)

@@ -21,6 +21,7 @@ from lvseg_jax.predict import inputs
 from lvseg_jax.predict import measure
 from lvseg_jax.predict import outputs
 from lvseg_jax.predict import pipeline
+from lvseg_jax.predict import roi
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class Segmenter:
     self.config = pipeline.inference_config(config, trained, sorted(overrides or {}))
     self.model = models.get_model(self.config.model)
     self._forward = inference.make_forward_fn(self.model, inference.tta_mode(self.config.predict))
+    self._localizer = roi.Localizer.for_config(self.config)   # None unless resize_mode='roi'
 
   @classmethod
   def pretrained(cls, name: str = pretrained.DEFAULT, **kwargs) -> 'Segmenter':
@@ -98,8 +100,9 @@ class Segmenter:
     frame = data_lib.Frame(case='', frame_id='image', instance=0, image=image, mask=None,
                            contour=None, pixel_spacing=tuple(map(float, pixel_spacing)),
                            spacing_source='given')
-    (p,) = inference.predict_frames(self.model, self.variables, [frame], self.config,
-                                    forward_fn=self._forward)
+    (p,) = inference.predict_frames(
+        self.model, self.variables, [frame], self.config, forward_fn=self._forward,
+        centres=self._localizer.centres([frame]) if self._localizer else None)
     areas = measure.frame_areas([p], self.config.predict.areas)
     return Segmentation(
         labels=outputs.label_map(p), endocardium=p.contour, epicardium=p.epi_contour,
@@ -114,8 +117,10 @@ class Segmenter:
     if output:
       results: list = []
       pipeline.run_series(self.model, self.variables, series, self.config, output,
-                          skipped=report.skipped, collect=results, forward_fn=self._forward)
+                          skipped=report.skipped, collect=results, forward_fn=self._forward,
+                          localizer=self._localizer)
     else:
       results = [r[:3] for r in pipeline.segment_series(self.model, self.variables, series,
-                                                        self.config, self._forward)]
+                                                        self.config, self._forward,
+                                                        self._localizer)]
     return [SeriesResult(*r) for r in results]

@@ -256,3 +256,43 @@ def test_held_out_groups_pairs_the_runs_of_one_fold(tmp_path):
   _split(tmp_path / 'c', 'f1', ['A'], ['B'])
   with pytest.raises(ValueError, match='trained on different cases'):
     agreement.held_out_groups([a, str(tmp_path / 'c')])
+
+
+def test_fold_localizers_take_the_localizer_fold_that_held_out_the_same_cases(tmp_path,
+                                                                               monkeypatch):
+  for d in ('roi', 'loc', 'other'):
+    (tmp_path / d).mkdir()
+  _split(tmp_path / 'roi', 'f0', ['B'], ['A'])
+  _split(tmp_path / 'roi', 'f1', ['A'], ['B'])
+  _split(tmp_path / 'loc', 'g1', ['B'], ['A'])     # other names, the same folds
+  _split(tmp_path / 'loc', 'g0', ['A'], ['B'])
+  roi_dir, loc_dir = str(tmp_path / 'roi'), str(tmp_path / 'loc')
+  made = []
+  monkeypatch.setattr(agreement.roi, 'Localizer',
+                      lambda run, config, checkpoint: made.append((run, checkpoint)) or run)
+  groups = agreement.held_out_groups([roi_dir])
+  roi_config, crop_config = default.get_config(), default.get_config()
+  roi_config.data.resize_mode = 'roi'
+  configs = {runs: roi_config for runs in groups}
+  assert agreement.fold_localizers(groups, configs, loc_dir, 'latest') == {
+      (f'{roi_dir}/f0',): f'{loc_dir}/g1', (f'{roi_dir}/f1',): f'{loc_dir}/g0'}
+  assert sorted(made) == [(f'{loc_dir}/g0', 'latest'), (f'{loc_dir}/g1', 'latest')]
+  # Runs of another resize_mode need none.
+  assert agreement.fold_localizers(groups, {r: crop_config for r in groups}, loc_dir,
+                                   'latest') == {r: None for r in groups}
+  # A localizer fold that trained on other cases would have seen the held-out ones.
+  _split(tmp_path / 'other', 'h0', ['B', 'C'], ['A'])
+  _split(tmp_path / 'other', 'h1', ['A', 'C'], ['B'])
+  with pytest.raises(ValueError, match='not the same folds'):
+    agreement.fold_localizers(groups, configs, str(tmp_path / 'other'), 'latest')
+  # Without a folder: the runs' own data.roi_localizer, if it never saw the held-out cases.
+  roi_config.data.roi_localizer = str(tmp_path / 'other' / 'h0')   # trained on B and C
+  with pytest.raises(ValueError, match=r"trained on held-out cases \['B'\]"):
+    agreement.fold_localizers(groups, configs, None, 'latest')
+  roi_config.data.roi_localizer = 'ibu3-cpu'    # the shipped model: trained on every case
+  with pytest.raises(ValueError, match=r"trained on held-out cases \['\(no split.json"):
+    agreement.fold_localizers(groups, configs, None, 'latest')
+  monkeypatch.undo()
+  roi_config.data.roi_localizer = ''
+  with pytest.raises(ValueError, match="needs data.roi_localizer"):
+    agreement.fold_localizers(groups, configs, None, 'latest')

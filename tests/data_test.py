@@ -423,8 +423,60 @@ def test_crop_mode_is_exact():
 
 
 def test_unknown_resize_mode():
-  with pytest.raises(ValueError, match=r"choices: \['crop', 'resize'\]"):
+  with pytest.raises(ValueError, match=r"choices: \['crop', 'resize', 'roi'\]"):
     data.preprocess_image(np.zeros((8, 8)), _config('/x', resize_mode='zoom').data)
+
+
+def _disc(shape, centre, radius):
+  rows, cols = np.indices(shape)
+  return ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2).astype(np.uint8)
+
+
+def test_roi_mode_centres_the_lv_at_roi_mm_per_grid():
+  config = _config('/nonexistent', image_size=128, resize_mode='roi', roi_mm=100.0)
+  disc = _disc((256, 256), (90, 150), 20)
+  centre = data.mask_centre(disc)
+  assert centre == (90.0, 150.0)
+  image = np.random.default_rng(4).normal(size=(256, 256)).astype(np.float32) + 3 * disc
+  out, geometry = data.preprocess_image(image, config.data, centre, (1.25, 1.25))
+  # 100 mm at 1.25 mm per pixel = 80 pixels across 128: x1.6, 256 -> 409.6 -> 410 rows.
+  assert out.shape == (128, 128, 1) and geometry.scaled_shape == (410, 410)
+  mask_s = data.preprocess_mask(disc, geometry)
+  rows, cols = np.flatnonzero(mask_s.any(axis=1)), np.flatnonzero(mask_s.any(axis=0))
+  # The disc's centre lands on the grid's centre, 63.5: the window offset is rounded to a
+  # pixel (<= 0.5) and the bounding box of a rasterized disc is symmetric to within 0.5.
+  assert abs((rows[0] + rows[-1]) / 2 - 63.5) <= 1.0
+  assert abs((cols[0] + cols[-1]) / 2 - 63.5) <= 1.0
+  # 41 pixels across become 41 x 410/256 = 65.7 (+-1 for the rasterization at either edge).
+  assert abs(rows[-1] - rows[0] + 1 - 41 * 410 / 256) <= 1.0
+  back = geometry.invert(mask_s)
+  assert back.shape == (256, 256) and _dice(back, disc) > 0.99
+  # Anisotropic pixels: each axis gets its own scale.
+  _, geometry = data.preprocess_image(image, config.data, centre, (1.25, 2.5))
+  assert geometry.scaled_shape == (410, 819)
+
+
+def test_roi_mode_needs_a_centre():
+  config = _config('/x', image_size=16, resize_mode='roi')
+  with pytest.raises(ValueError, match="resize_mode='roi' needs each frame's LV centre"):
+    data.preprocess_image(np.zeros((32, 32)), config.data)
+
+
+def test_roi_dataset_windows_follow_the_expert_and_survive_the_cache(tmp_path):
+  _png_tree(tmp_path)    # 12 x 12 frames, every mask rows 3-6, columns 2-8: centre (4.5, 5)
+  # roi_mm = 8 pixels at the nominal spacing: the native grid, cut around the expert's LV.
+  config = _config(str(tmp_path), image_size=8, resize_mode='roi',
+                   roi_mm=8 * 1.3672, cache_dir=str(tmp_path / 'cache')).data
+  built = data.load_dataset(config)
+  # Offsets: round(4.5 + 0.5 - 4) = 1 row, round(5 + 0.5 - 4) = 2 columns (half to even).
+  expected = data.Geometry((12, 12), 8, (12, 12), (1, 2))
+  assert built.geometries == [expected] * 4
+  window = np.zeros((8, 8), np.int32)
+  window[2:6, 0:7] = 1         # mask rows 3-6, columns 2-8, moved by the offsets
+  np.testing.assert_array_equal(built.masks[0], window)
+  cached = data.load_dataset(config)
+  assert cached.geometries == built.geometries
+  np.testing.assert_array_equal(cached.images, built.images)
 
 
 # ------------------------------------------------------------------------------ batches

@@ -15,14 +15,15 @@ input), `acdc` and `nifti_folders` (NIfTI training layouts), `sources` (`load_fr
 """
 
 from lvseg_jax.data.dataset import (CACHE_VERSION, Dataset, build_dataset, cache_key,
-                                    load_cache, load_dataset, load_datasets, save_cache,
-                                    write_split)
+                                    expert_centre, load_cache, load_dataset, load_datasets,
+                                    save_cache, write_split)
 from lvseg_jax.data.nifti import is_nifti, load_labelled_volume, load_nifti_series
 from lvseg_jax.data.png import (load_png_folder, parse_png_name, read_png, read_spacing_table,
                                 spacing_table_path, write_spacing_table)
 from lvseg_jax.data.preprocess import (BACKGROUND, BACKGROUND_OR_MYOCARDIUM, CAVITY, MYOCARDIUM,
-                                       RESIZE_MODES, Geometry, class_map, get_resize_mode,
-                                       normalize_intensity, preprocess_image, preprocess_mask)
+                                       RESIZE_MODES, ROI_MODE, Geometry, class_map,
+                                       get_resize_mode, mask_centre, normalize_intensity,
+                                       preprocess_image, preprocess_mask, roi_geometry)
 from lvseg_jax.data.records import (ON_ERROR, DataError, Frame, LoadReport, case_group,
                                     normalize_case_id)
 from lvseg_jax.data.scd_dicom import (attach_contours, expert_contour_dir, list_dicom_files,

@@ -19,12 +19,12 @@ from lvseg_jax.data import splits
 from lvseg_jax.data.records import Frame, LoadReport, normalize_case_id, root_dir
 
 # Bump when the cached arrays or Frame fields change meaning, so old caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # config.data fields that change what is loaded or how it is preprocessed (the cache key).
 _CACHE_CONFIG_KEYS = ('source', 'png_dir', 'contour', 'image_size', 'resize_mode',
                       'clip_percentiles', 'nominal_spacing_mm', 'spacing_table', 'on_error',
                       'dicom_glob', 'contours_dir', 'patient_sheet', 'myocardium', 'labels',
-                      'nifti_images', 'nifti_labels', 'case_regex')
+                      'nifti_images', 'nifti_labels', 'case_regex', 'roi_mm')
 _ARRAY_FIELDS = ('image', 'mask', 'contour', 'epi_mask', 'epi_contour')
 _TUPLE_FIELDS = ('pixel_spacing', 'image_position', 'image_orientation')
 
@@ -158,15 +158,31 @@ class Dataset:
              'index': index.astype(np.int32)}
 
 
+def expert_centre(frame: Frame) -> tuple[float, float]:
+  """Where a resize_mode 'roi' window is centred in training: the expert's LV (the
+  epicardium's bounding box, else the endocardium's; the frame centre when neither exists)."""
+  centre = preprocess.mask_centre(frame.epi_mask if frame.epi_mask is not None else frame.mask)
+  return centre or ((frame.shape[0] - 1) / 2.0, (frame.shape[1] - 1) / 2.0)
+
+
 def build_dataset(frames: Sequence[Frame], data_config: Any, name: str = '',
-                  skipped: Sequence[tuple[str, str]] = ()) -> Dataset:
-  """Preprocesses frames (`preprocess_image`, `preprocess_mask`) into a `Dataset`."""
+                  skipped: Sequence[tuple[str, str]] = (),
+                  centres: Sequence[tuple[float, float]] | None = None) -> Dataset:
+  """Preprocesses frames (`preprocess_image`, `preprocess_mask`) into a `Dataset`.
+
+  With resize_mode 'roi' each window is centred on `centres` (row, col per frame; default:
+  `expert_centre`, which only training may use: evaluation takes a localizer's).
+  """
   size = int(data_config.image_size)
   images = np.zeros((len(frames), size, size, 1), np.float32)
   masks = np.zeros((len(frames), size, size), np.int32)
   geometries = []
+  roi = data_config.resize_mode == preprocess.ROI_MODE
+  if roi and centres is None:
+    centres = [expert_centre(f) for f in frames]
   for i, frame in enumerate(frames):
-    images[i], geometry = preprocess.preprocess_image(frame.image, data_config)
+    images[i], geometry = preprocess.preprocess_image(
+        frame.image, data_config, centres[i] if roi else None, frame.pixel_spacing)
     if frame.mask is not None:
       masks[i] = preprocess.preprocess_mask(
           preprocess.class_map(frame.mask, frame.epi_mask, bool(data_config.myocardium)),
@@ -249,6 +265,10 @@ def save_cache(path: str, dataset: Dataset) -> None:
       'has_mask': dataset.has_mask,
       'orig_images': _compact([f.image for f in frames]),
       'orig_shapes': shapes,
+      # Geometries, as 'roi' windows depend on each frame's centre, not on the config alone.
+      'scaled_shapes': np.array([g.scaled_shape for g in dataset.geometries],
+                                np.int64).reshape(-1, 2),
+      'offsets': np.array([g.offset for g in dataset.geometries], np.int64).reshape(-1, 2),
       'meta': np.array(json.dumps(meta)),
   }
   for prefix in ('', 'epi_'):
@@ -273,7 +293,7 @@ def save_cache(path: str, dataset: Dataset) -> None:
 
 
 def load_cache(path: str, data_config: Any) -> Dataset:
-  """Reads a dataset written by `save_cache` (geometries are rebuilt from the config)."""
+  """Reads a dataset written by `save_cache`."""
   with np.load(path, allow_pickle=False) as z:
     meta = json.loads(str(z['meta']))
     if meta.get('version') != CACHE_VERSION:
@@ -287,6 +307,7 @@ def load_cache(path: str, data_config: Any) -> Dataset:
       masks = np.unpackbits(z['masks'], count=count).reshape(mask_shape).astype(np.int32)
     has_mask = z['has_mask']
     shapes = z['orig_shapes']
+    scaled_shapes, offsets = z['scaled_shapes'], z['offsets']
     orig_images = z['orig_images']
     sizes = shapes[:, 0] * shapes[:, 1]
     originals = {prefix: (np.unpackbits(z[f'orig_{prefix}masks'], count=int(sizes.sum())),
@@ -294,7 +315,7 @@ def load_cache(path: str, data_config: Any) -> Dataset:
                           np.concatenate([[0], np.cumsum(z[f'{prefix}contour_counts'])]))
                  for prefix in ('', 'epi_')}
   frames, geometries = [], []
-  size, mode = int(data_config.image_size), data_config.resize_mode
+  size = int(data_config.image_size)
   pixel_start = np.concatenate([[0], np.cumsum(sizes)])
   for i, record in enumerate(meta['frames']):
     shape = (int(shapes[i, 0]), int(shapes[i, 1]))
@@ -308,7 +329,8 @@ def load_cache(path: str, data_config: Any) -> Dataset:
       record[f'{prefix}contour'] = (polygons[start[i]:start[i + 1]].copy()
                                     if start[i + 1] > start[i] else None)
     frames.append(Frame(image=orig_images[pixels].reshape(shape).astype(np.float32), **record))
-    geometries.append(preprocess.Geometry.create(shape, size, mode))
+    geometries.append(preprocess.Geometry(shape, size, tuple(map(int, scaled_shapes[i])),
+                                          tuple(map(int, offsets[i]))))
   return Dataset(images, masks, frames, geometries, has_mask=has_mask, name=meta['name'],
                  skipped=[tuple(s) for s in meta['skipped']])
 
@@ -372,6 +394,10 @@ def load_datasets(config: Any, workdir: str | None = None) -> tuple[Dataset, Dat
   for dataset in (train, evaluate):
     logging.info('%s: %d frames from %d cases (spacing sources %s)', dataset.name, len(dataset),
                  len(dataset.cases), _spacing_counts(dataset))
+  if data_config.resize_mode == preprocess.ROI_MODE:
+    logging.info("resize_mode='roi': evaluation during training centres each window on the "
+                 "expert's LV, so it is optimistic; --mode=evaluate and agreement.py find the "
+                 'LV with data.roi_localizer, as predict does.')
   for key, cases in split.items():
     if key.startswith('missing:') and cases:
       logging.info('Official set %r: %d case(s) not in the data: %s', key.split(':', 1)[1],

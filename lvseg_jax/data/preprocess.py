@@ -19,11 +19,18 @@ def _crop_scale(shape: tuple[int, int], size: int) -> float:
 
 
 RESIZE_MODES = {'resize': _resize_scale, 'crop': _crop_scale}
+# A `data.roi_mm` square around the LV, resampled to the grid: the window follows each frame's
+# LV centre (`roi_geometry`), so it is not a scale of the frame alone.
+ROI_MODE = 'roi'
 
 
 def get_resize_mode(name: str) -> Callable[[tuple[int, int], int], float]:
+  if name == ROI_MODE:
+    raise ValueError(f"resize_mode={ROI_MODE!r} needs each frame's LV centre and pixel spacing "
+                     '(preprocess_image(..., centre=, pixel_spacing=))')
   if name not in RESIZE_MODES:
-    raise ValueError(f'Unknown resize_mode {name!r}; choices: {sorted(RESIZE_MODES)}')
+    raise ValueError(f'Unknown resize_mode {name!r}; choices: '
+                     f'{sorted([*RESIZE_MODES, ROI_MODE])}')
   return RESIZE_MODES[name]
 
 
@@ -92,6 +99,18 @@ class Geometry:
     offset = tuple((n - size) // 2 for n in scaled)
     return cls(shape, int(size), scaled, offset)
 
+  @classmethod
+  def around(cls, shape: tuple[int, int], size: int, centre: Sequence[float],
+             scale: Sequence[float]) -> 'Geometry':
+    """The S x S window centred on `centre` ((row, col) in original pixels) of the frame
+    resampled by `scale` (rows, columns)."""
+    shape = (int(shape[0]), int(shape[1]))
+    scaled = tuple(max(1, int(round(n * f))) for n, f in zip(shape, scale))
+    # Pixel i spans [i, i + 1), so its centre is at i + 0.5 on both grids.
+    offset = tuple(int(round((c + 0.5) * m / n - size / 2))
+                   for c, n, m in zip(centre, shape, scaled))
+    return cls(shape, int(size), scaled, offset)
+
   def _windows(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
     """(slices in the scaled frame, slices in the S x S grid) of the overlapping region."""
     src, dst = [], []
@@ -130,6 +149,24 @@ class Geometry:
     return _resample(canvas, self.original_shape, labels)
 
 
+def roi_geometry(shape: tuple[int, int], size: int, centre: Sequence[float],
+                 pixel_spacing: Sequence[float], roi_mm: float) -> Geometry:
+  """The `size` grid over the `roi_mm` x `roi_mm` square centred on `centre` (row, col)."""
+  return Geometry.around(shape, size, centre,
+                         [size * float(d) / float(roi_mm) for d in pixel_spacing])
+
+
+def mask_centre(mask: np.ndarray | None) -> tuple[float, float] | None:
+  """The centre (row, col) of the bounding box of a mask's nonzero pixels; None if empty."""
+  if mask is None:
+    return None
+  mask = np.asarray(mask) != 0
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  if rows.size == 0:
+    return None
+  return (rows[0] + rows[-1]) / 2.0, (cols[0] + cols[-1]) / 2.0
+
+
 def normalize_intensity(image: np.ndarray,
                         clip_percentiles: Sequence[float] | None = (1.0, 99.0)) -> np.ndarray:
   """Clips to the image's own percentiles, then zero mean and unit variance (float32).
@@ -151,7 +188,10 @@ def normalize_intensity(image: np.ndarray,
   return ((image - image.mean()) / std).astype(np.float32)
 
 
-def preprocess_image(image: np.ndarray, data_config: Any) -> tuple[np.ndarray, Geometry]:
+def preprocess_image(image: np.ndarray, data_config: Any,
+                     centre: Sequence[float] | None = None,
+                     pixel_spacing: Sequence[float] | None = None
+                     ) -> tuple[np.ndarray, Geometry]:
   """The one preprocessing path for train, evaluate and predict.
 
   Normalizes intensities on the original grid (`normalize_intensity` with
@@ -161,6 +201,8 @@ def preprocess_image(image: np.ndarray, data_config: Any) -> tuple[np.ndarray, G
   Args:
     image: (H, W) or (H, W, 1) raw intensities.
     data_config: `config.data`.
+    centre: resize_mode 'roi' only: the LV centre (row, col) the window is centred on.
+    pixel_spacing: resize_mode 'roi' only: (row, col) mm, for the `roi_mm` square.
 
   Returns:
     ((S, S, 1) float32 image, Geometry to map predictions back with `Geometry.invert`).
@@ -170,8 +212,11 @@ def preprocess_image(image: np.ndarray, data_config: Any) -> tuple[np.ndarray, G
     image = image[..., 0]
   if image.ndim != 2:
     raise ValueError(f'expected a 2D image, got shape {image.shape}')
-  geometry = Geometry.create(image.shape, int(data_config.image_size),
-                             data_config.resize_mode)
+  size = int(data_config.image_size)
+  if data_config.resize_mode == ROI_MODE and centre is not None and pixel_spacing is not None:
+    geometry = roi_geometry(image.shape, size, centre, pixel_spacing, data_config.roi_mm)
+  else:
+    geometry = Geometry.create(image.shape, size, data_config.resize_mode)
   normalized = normalize_intensity(image, data_config.clip_percentiles)
   out = geometry.apply(normalized, labels=False, fill=float(normalized.min()))
   return out[..., None].astype(np.float32), geometry

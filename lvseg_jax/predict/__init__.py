@@ -7,6 +7,8 @@ Modules, in the order a prediction flows through them:
   * `inputs.find_series(input, config)`: the input -> `Series` (DICOM series via
     `data.load_dicom_series`, NIfTI volumes via `data.load_nifti_series`, PNG folders via
     `data.load_png_folder` or plain PNG files).
+  * `roi.Localizer.centres(frames)`: only for a `data.resize_mode='roi'` model, the first of
+    two stages: another model (`data.roi_localizer`) finds each frame's LV, the window's centre.
   * `inference.predict_frames(model, variables, frames, config)`: the core, independent of
     checkpoints and files. Preprocesses with `data.preprocess_image` (the training path),
     runs a jitted forward pass in fixed-size batches (optionally test-time augmented: flips
@@ -65,3 +67,4 @@ from lvseg_jax.predict.measure import (area_grid_from, expert_areas, expert_volu
 from lvseg_jax.predict.outputs import (FRAME_COLUMNS, SERIES_COLUMNS, series_row,
                                        write_nifti_volumes, write_series_outputs)
 from lvseg_jax.predict.pipeline import inference_config, predict, run_series
+from lvseg_jax.predict.roi import Localizer

@@ -223,7 +223,8 @@ class _Progress:
 
 def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
                    frames: Sequence[data_lib.Frame], config: ml_collections.ConfigDict, *,
-                   forward_fn: Callable | None = None, desc: str = 'predict'
+                   forward_fn: Callable | None = None, desc: str = 'predict',
+                   centres: Sequence[tuple[float, float]] | None = None
                    ) -> list[Prediction]:
   """Segments frames with a model; the core of prediction, independent of checkpoints and I/O.
 
@@ -235,6 +236,8 @@ def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
       (batch_size, tta, tta_transforms, largest_component, fill_holes, progress).
     forward_fn: a `make_forward_fn` result, to reuse one compiled function across series.
     desc: progress bar label.
+    centres: resize_mode 'roi': each frame's LV centre (row, col), e.g. from
+      `roi.Localizer.centres`.
 
   Returns:
     One `Prediction` per frame, in order.
@@ -243,12 +246,18 @@ def predict_frames(model, variables: dict[str, Any] | list[dict[str, Any]],
   transforms = tta_mode(config.predict)
   if forward_fn is None:
     forward_fn = make_forward_fn(model, transforms)
+  if config.data.resize_mode == data_lib.ROI_MODE and (centres is None or
+                                                       len(centres) != len(frames)):
+    raise ValueError(f"resize_mode='{data_lib.ROI_MODE}': predict_frames needs one LV centre "
+                     'per frame (lvseg_jax.predict.roi.Localizer)')
   variables = jax.device_put(variables)
   progress = _Progress(len(frames), desc, bool(config.predict.progress) and len(frames) > 0)
 
   def dispatch(start: int) -> tuple:
     chunk = frames[start:start + batch_size]
-    prepared = [data_lib.preprocess_image(f.image, config.data) for f in chunk]
+    prepared = [data_lib.preprocess_image(f.image, config.data,
+                                          centres[start + i] if centres else None,
+                                          f.pixel_spacing) for i, f in enumerate(chunk)]
     images = np.stack([image for image, _ in prepared])
     # Pad to a full batch so every call has one shape and compiles once.
     pad = batch_size - len(chunk)

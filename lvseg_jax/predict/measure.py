@@ -209,6 +209,14 @@ def _finite_or_none(x: Any) -> Any:
   return x
 
 
+def describe_window(data_config: ml_collections.ConfigDict) -> str:
+  """The network's window in words, for warnings."""
+  if data_config.resize_mode == data_lib.ROI_MODE:
+    return f'the {data_config.roi_mm:g} mm window around the LV (data.resize_mode=roi)'
+  return (f'the central {data_config.image_size}-pixel window '
+          f'(data.resize_mode={data_config.resize_mode})')
+
+
 def summarize_series(series: Series, predictions: Sequence[Prediction],
                      config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Areas per frame and (with slice/phase information) volumes, ED/ES, SV, EF."""
@@ -247,9 +255,8 @@ def summarize_series(series: Series, predictions: Sequence[Prediction],
   cut = [p.frame.frame_id for p in predictions if p.cut_by_window]
   if cut:
     notes.append(f'{len(cut)} frame(s) ({", ".join(cut[:5])}{", ..." if len(cut) > 5 else ""}): '
-                 f'the LV reaches the edge of the central {config.data.image_size}-pixel window '
-                 "the model sees (data.resize_mode='crop'), so part of it may lie outside; "
-                 'check the overlays')
+                 f'the LV reaches the edge of {describe_window(config.data)} the model sees, so '
+                 'part of it may lie outside; check the overlays')
     logging.warning('%s: %s', series.name or series.folder, notes[-1])
   if not has_grid(frames):
     notes.append('frames have no slice/phase information: areas per frame only, no volumes')

@@ -16,6 +16,7 @@ from lvseg_jax.predict import inference
 from lvseg_jax.predict import inputs
 from lvseg_jax.predict import measure
 from lvseg_jax.predict import outputs
+from lvseg_jax.predict import roi
 
 
 def inference_config(run_config: ml_collections.ConfigDict,
@@ -65,23 +66,29 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   report = data_lib.LoadReport(config.predict.on_error)
   series = inputs.find_series(input_path, config, report)
   logging.info('Predicting on %d series from %s', len(series), input_path)
+  localizer = roi.Localizer.for_config(config)
   return run_series(models.get_model(config.model), variables, series, config, output,
                     meta=dict(workdir=os.path.abspath(workdir),
                               checkpoint=config.predict.checkpoint,
-                              input=os.path.abspath(input_path)), skipped=report.skipped)
+                              input=os.path.abspath(input_path),
+                              localizer=localizer and os.path.abspath(localizer.workdir)),
+                    skipped=report.skipped, localizer=localizer)
 
 
 def segment_series(model, variables: dict[str, Any], series: Sequence[inputs.Series],
-                   config: ml_collections.ConfigDict, forward_fn: Callable | None = None
+                   config: ml_collections.ConfigDict, forward_fn: Callable | None = None,
+                   localizer: roi.Localizer | None = None
                    ) -> Iterator[tuple[inputs.Series, list[inference.Prediction], dict[str, Any],
                                        float]]:
   """(series, its predictions, `measure.summarize_series`, start time) for each series, with
-  one compiled forward pass for all of them (`forward_fn`, or one made here)."""
+  one compiled forward pass for all of them (`forward_fn`, or one made here); a 'roi' model's
+  windows are centred where `localizer` finds the LV."""
   forward = forward_fn or inference.make_forward_fn(model, inference.tta_mode(config.predict))
   for s in series:
     start = time.time()
-    predictions = inference.predict_frames(model, variables, s.frames, config,
-                                           forward_fn=forward, desc=s.name)
+    predictions = inference.predict_frames(
+        model, variables, s.frames, config, forward_fn=forward, desc=s.name,
+        centres=localizer.centres(s.frames) if localizer else None)
     yield s, predictions, measure.summarize_series(s, predictions, config), start
 
 
@@ -89,13 +96,14 @@ def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series]
                config: ml_collections.ConfigDict, output: str,
                meta: dict[str, Any] | None = None,
                skipped: Sequence[tuple[str, str]] = (), collect: list | None = None,
-               forward_fn: Callable | None = None) -> list[dict[str, Any]]:
+               forward_fn: Callable | None = None,
+               localizer: roi.Localizer | None = None) -> list[dict[str, Any]]:
   """Predicts, measures and writes every series, then the top-level summary files (which
   list the `skipped` input files); appends (series, predictions, summary) to `collect`."""
   os.makedirs(output, exist_ok=True)
   summaries = []
   for s, predictions, summary, start in segment_series(model, variables, series, config,
-                                                       forward_fn):
+                                                       forward_fn, localizer):
     outputs.write_series_outputs(s, predictions, summary, output, config)
     summary['seconds'] = round(time.time() - start, 2)
     if collect is not None:
