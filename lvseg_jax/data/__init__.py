@@ -22,8 +22,9 @@ from lvseg_jax.data.png import (load_png_folder, parse_png_name, read_png, read_
                                 spacing_table_path, write_spacing_table)
 from lvseg_jax.data.preprocess import (BACKGROUND, BACKGROUND_OR_MYOCARDIUM, CAVITY, MYOCARDIUM,
                                        RESIZE_MODES, ROI_MODE, Geometry, class_map,
-                                       get_resize_mode, mask_centre, normalize_intensity,
-                                       preprocess_image, preprocess_mask, roi_geometry)
+                                       frame_centre, get_resize_mode, mask_centre,
+                                       normalize_intensity, preprocess_image, preprocess_mask,
+                                       roi_geometry)
 from lvseg_jax.data.records import (ON_ERROR, DataError, Frame, LoadReport, case_group,
                                     normalize_case_id)
 from lvseg_jax.data.scd_dicom import (attach_contours, expert_contour_dir, list_dicom_files,

@@ -162,7 +162,7 @@ def expert_centre(frame: Frame) -> tuple[float, float]:
   """Where a resize_mode 'roi' window is centred in training: the expert's LV (the
   epicardium's bounding box, else the endocardium's; the frame centre when neither exists)."""
   centre = preprocess.mask_centre(frame.epi_mask if frame.epi_mask is not None else frame.mask)
-  return centre or ((frame.shape[0] - 1) / 2.0, (frame.shape[1] - 1) / 2.0)
+  return centre or preprocess.frame_centre(frame.shape)
 
 
 def build_dataset(frames: Sequence[Frame], data_config: Any, name: str = '',

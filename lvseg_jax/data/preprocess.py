@@ -156,6 +156,12 @@ def roi_geometry(shape: tuple[int, int], size: int, centre: Sequence[float],
                          [size * float(d) / float(roi_mm) for d in pixel_spacing])
 
 
+def frame_centre(shape: Sequence[int]) -> tuple[float, float]:
+  """The centre (row, col) of an image of `shape`: where a 'roi' window goes when nothing
+  locates the LV."""
+  return (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+
+
 def mask_centre(mask: np.ndarray | None) -> tuple[float, float] | None:
   """The centre (row, col) of the bounding box of a mask's nonzero pixels; None if empty."""
   if mask is None:

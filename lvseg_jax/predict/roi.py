@@ -44,7 +44,7 @@ def fill_missing(found: Sequence[Centre | None],
     if centre is None:
       near = by_slice.get((frame.case, frame.slice_index)) or every
       centre = (tuple(float(v) for v in np.median(near, axis=0)) if near else
-                ((frame.shape[0] - 1) / 2.0, (frame.shape[1] - 1) / 2.0))
+                data_lib.frame_centre(frame.shape))
     out.append(centre)
   return out
 
