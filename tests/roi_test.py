@@ -112,11 +112,18 @@ def test_predict_and_evaluate_run_both_stages(data_root, tmp_path, monkeypatch):
   assert located == [3] and summaries[0]['num_frames'] == 3
   with open(tmp_path / 'out' / 'summary.json') as f:
     assert json.load(f)['localizer'] == pretrained.path()
-  # --mode=evaluate: the windows of the scored frames come from the localizer too.
+  # --mode=evaluate: the windows of the scored frames come from the localizer too, and each
+  # scored frame is cut out once (no expert-centred window made first and thrown away).
+  windows = []
+  cut = data_lib.preprocess.preprocess_image
+  monkeypatch.setattr(data_lib.preprocess, 'preprocess_image', lambda image, data_config, *a:
+                      windows.append(data_config.resize_mode == 'roi')
+                      or cut(image, data_config, *a))
   config.eval.split = 'validation'
   config.data.root, config.data.cache_dir = data_root, ''
   results = evaluate.evaluate_checkpoint(config, workdir)
   assert located[1:] == [len(results['per_frame'])] == [266]   # the official validation set
+  assert sum(windows) == 266
   assert results['evaluated']['localizer'] == pretrained.path()
 
 
