@@ -134,15 +134,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   for name in _eval_sets(config):
     wanted += (data_lib.available_cases(config.data) if name == data_lib.ALL_CASES
                else data_lib.get_official_set(name))
-  localizer = roi.Localizer.for_config(config)
-  if localizer:   # both stages, as predict runs them; not through the cache, whose windows are
-                  # centred on the expert's LV
-    report = data_lib.LoadReport(config.data.on_error)
-    frames = data_lib.load_frames(config.data, wanted, True, report)
-    eval_ds = data_lib.build_dataset(frames, config.data, config.eval.split, report.skipped,
-                                     centres=localizer.centres(frames))
-  else:
-    eval_ds = data_lib.load_dataset(config.data, cases=wanted, name=config.eval.split)
+  localizer = roi.Localizer.for_config(config)   # both stages, as predict runs them
+  eval_ds = data_lib.load_dataset(config.data, cases=wanted, name=config.eval.split,
+                                  centres=localizer.centres if localizer else None)
   predict_fn = make_predict_fn(models.get_model(config.model))
   results, predictions = evaluate_dataset(predict_fn, variables, eval_ds, config)
   name = eval_name(config)

@@ -462,7 +462,7 @@ def test_roi_mode_needs_a_centre():
     data.preprocess_image(np.zeros((32, 32)), config.data)
 
 
-def test_roi_dataset_windows_follow_the_expert_and_survive_the_cache(tmp_path):
+def test_roi_windows_follow_the_expert_through_the_cache_and_given_centres_past_it(tmp_path):
   _png_tree(tmp_path)    # 12 x 12 frames, every mask rows 3-6, columns 2-8: centre (4.5, 5)
   # roi_mm = 8 pixels at the nominal spacing: the native grid, cut around the expert's LV.
   config = _config(str(tmp_path), image_size=8, resize_mode='roi',
@@ -477,6 +477,15 @@ def test_roi_dataset_windows_follow_the_expert_and_survive_the_cache(tmp_path):
   cached = data.load_dataset(config)
   assert cached.geometries == built.geometries
   np.testing.assert_array_equal(cached.images, built.images)
+  # A localizer's centres (as evaluate passes them) place the windows instead, past the cache
+  # that holds the expert-centred ones, and write no entry of their own.
+  asked = []
+  located = data.load_dataset(config, centres=lambda frames: asked.append(len(frames))
+                              or [(7.5, 7.5)] * len(frames))
+  assert asked == [4]
+  # Offsets round(7.5 + 0.5 - 4) = 4 in both axes.
+  assert located.geometries == [data.Geometry((12, 12), 8, (12, 12), (4, 4))] * 4
+  assert len(os.listdir(tmp_path / 'cache')) == 1
 
 
 # ------------------------------------------------------------------------------ batches

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import jax
@@ -336,14 +336,20 @@ def load_cache(path: str, data_config: Any) -> Dataset:
 
 
 def load_dataset(data_config: Any, cases: Sequence[str] | None = None,
-                 contoured_only: bool = True, name: str = 'all') -> Dataset:
+                 contoured_only: bool = True, name: str = 'all',
+                 centres: Callable[[Sequence[Frame]], Sequence[tuple[float, float]]] | None = None,
+                 ) -> Dataset:
   """Loads and preprocesses frames, through the cache in `config.data.cache_dir` if set.
 
   The cache file is `<cache_dir>/<source>-<key>.npz`, `key` = `cache_key(...)`: any change of
   a source file (path, size, mtime) or of the loading/preprocessing config makes a new entry.
   Items skipped when the cache was written are logged again on a hit.
+
+  `centres` (frames -> one window centre per frame, e.g. `roi.Localizer.centres`) places the
+  windows of resize_mode 'roi' instead of the expert's LV; such a dataset bypasses the cache,
+  whose windows are the expert-centred ones.
   """
-  cache_dir = data_config.cache_dir
+  cache_dir = data_config.cache_dir if centres is None else ''
   path = None
   if cache_dir:
     key = cache_key(data_config, cases, contoured_only)
@@ -365,7 +371,8 @@ def load_dataset(data_config: Any, cases: Sequence[str] | None = None,
         return dataset
   report = LoadReport(data_config.on_error)
   frames = sources.load_frames(data_config, cases, contoured_only, report)
-  dataset = build_dataset(frames, data_config, name=name, skipped=report.skipped)
+  dataset = build_dataset(frames, data_config, name=name, skipped=report.skipped,
+                          centres=centres(frames) if centres else None)
   if path is not None:
     save_cache(path, dataset)
     logging.info('Data cache written: %s', path)
