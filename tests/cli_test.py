@@ -4,6 +4,7 @@ predict summary, signals and exit codes."""
 
 import copy
 import csv
+import gc
 import glob
 import json
 import logging
@@ -108,9 +109,18 @@ def test_evaluate_loads_only_the_cases_it_scores(trained, data_root, tmp_path):
 # ------------------------------------------------------------------- damaged checkpoints
 
 
-# A failed orbax restore leaves TensorStore read coroutines that Python reports when they are
-# collected; they hold nothing of ours.
-_ORBAX_LEFTOVERS = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.fixture
+def _collect_orbax_leftovers():
+  """A failed orbax restore leaves TensorStore read coroutines (holding nothing of ours) that
+  Python reports when they are collected: collect them in this test's teardown, under its
+  filter, not at some later test's."""
+  yield
+  gc.collect()
+
+
+def _orbax_leftovers(test):
+  test = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')(test)
+  return pytest.mark.usefixtures('_collect_orbax_leftovers')(test)
 
 
 def _truncate_files(folder):
@@ -122,7 +132,7 @@ def _truncate_files(folder):
       f.truncate(max(os.path.getsize(path) // 3, 1))
 
 
-@_ORBAX_LEFTOVERS
+@_orbax_leftovers
 def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, caplog):
   config, workdir = trained
   work = _copy(workdir, tmp_path)
@@ -137,7 +147,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, ca
   assert [r['step'] for r in records if r['split'] == 'train'] == list(range(1, 11))
 
 
-@_ORBAX_LEFTOVERS
+@_orbax_leftovers
 def test_damaged_checkpoint_without_fallback_names_step_and_folder(trained, tmp_path):
   config, workdir = trained
   work = _copy(workdir, tmp_path)
@@ -152,7 +162,7 @@ def test_damaged_checkpoint_without_fallback_names_step_and_folder(trained, tmp_
   assert 'resume_fallback' in message
 
 
-@_ORBAX_LEFTOVERS
+@_orbax_leftovers
 def test_damaged_best_checkpoint_in_evaluate_names_the_folder(trained, tmp_path):
   config, workdir = trained
   work = _copy(workdir, tmp_path)
