@@ -190,7 +190,8 @@ def held_out_cases(cv_dir: str) -> dict[str, str]:
   return owner
 
 
-def _train_cases(run: str) -> set[str]:
+def train_cases(run: str) -> set[str]:
+  """The cases a training run trained on (its split.json)."""
   with open(os.path.join(run, 'split.json')) as f:
     return set(json.load(f)['train_cases'])
 
@@ -209,7 +210,7 @@ def held_out_groups(cv_dirs: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
   for case in sorted(owners[0]):
     groups.setdefault(tuple(owner[case] for owner in owners), []).append(case)
   for runs in groups:
-    trained_on = [_train_cases(run) for run in runs]
+    trained_on = [train_cases(run) for run in runs]
     if any(t != trained_on[0] for t in trained_on[1:]):
       raise ValueError(f'{", ".join(runs)}: trained on different cases, so not one fold')
   return groups
@@ -249,12 +250,12 @@ def fold_localizers(groups: dict[tuple[str, ...], list[str]],
     if localizer_dir:
       found = {owner.get(case) for case in cases}
       run = found.pop() if len(found) == 1 else None
-      if run is None or _train_cases(run) != _train_cases(runs[0]):
+      if run is None or train_cases(run) != train_cases(runs[0]):
         raise ValueError(f'{localizer_dir}: no run of it held out exactly the cases of '
                          f'{runs[0]} ({", ".join(cases)}): not the same folds')
     else:
       run = roi.resolve(config.data.roi_localizer)
-      seen = (_train_cases(run) & set(cases) if os.path.exists(os.path.join(run, 'split.json'))
+      seen = (train_cases(run) & set(cases) if os.path.exists(os.path.join(run, 'split.json'))
               else {'(no split.json: unknown)'})
       if seen:
         raise ValueError(f'{runs[0]}: its localizer {run} trained on held-out cases '
