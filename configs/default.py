@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_folds = 5
   data.fold = 0                # kfold: the eval fold; the other folds train
   data.kfold_seed = 0          # kfold: shuffle of cases within pathology groups
+  data.train_exclude = ()      # cases never trained on (e.g. labels known to be misplaced);
+                               # still evaluated where the split holds them out
   data.image_size = 256        # network input is image_size x image_size
   data.resize_mode = 'resize'  # resize (longer side to S, aspect kept) | crop (centre crop/pad)
                                # | roi (a roi_mm square around the LV, resampled to S)

@@ -275,6 +275,22 @@ def test_kfold_is_patient_level(data_root):
     data.case_splits(_config(data_root, split='kfold', fold=5).data)
 
 
+def test_train_exclude_leaves_train_only_and_keeps_the_folds(data_root):
+  # Oracle: the same split without the exclusion. Excluding must only remove the case from
+  # train; the folds (and so every eval set) stay as they were.
+  for split_name, fold in (('kfold', 0), ('kfold', 4), ('official', 0)):
+    base = data.case_splits(_config(data_root, split=split_name, fold=fold).data)
+    held_out, trained = base['eval'][0], base['train'][-1]
+    split = data.case_splits(_config(data_root, split=split_name, fold=fold,
+                                     train_exclude=(trained, held_out.lower())).data)
+    assert split['train'] == [c for c in base['train'] if c != trained]
+    assert split['eval'] == base['eval'] and held_out in split['eval']
+    assert split['excluded'] == [trained] and split['unassigned'] == base['unassigned']
+  with pytest.raises(ValueError, match=r"train_exclude names case\(s\) not in the png data: "
+                                       r"\['SC-N-99'\]"):
+    data.case_splits(_config(data_root, train_exclude=('SC-N-99',)).data)
+
+
 def test_kfold_assignments_are_seeded():
   cases = [f'SC-X-{i:02d}' for i in range(20)]
   a = data.kfold_assignments(cases, 4, seed=0)

@@ -409,6 +409,8 @@ def load_datasets(config: Any, workdir: str | None = None) -> tuple[Dataset, Dat
     if key.startswith('missing:') and cases:
       logging.info('Official set %r: %d case(s) not in the data: %s', key.split(':', 1)[1],
                    len(cases), cases)
+  if split['excluded']:
+    logging.info('Cases kept out of training (data.train_exclude): %s', split['excluded'])
   if split['unassigned']:
     logging.info('Cases in the data used by neither train nor eval: %s', split['unassigned'])
   if workdir is not None:
@@ -432,7 +434,7 @@ def write_split(workdir: str, data_config: Any, split: dict[str, list[str]], tra
       'frames_per_case': {**train.frames_per_case(), **evaluate.frames_per_case()},
       'spacing_sources': {'train': _spacing_counts(train), 'eval': _spacing_counts(evaluate)},
       'missing': {k.split(':', 1)[1]: v for k, v in split.items() if k.startswith('missing:')},
-      'unassigned': split['unassigned'],
+      'unassigned': split['unassigned'], 'train_excluded': split['excluded'],
       'skipped': [list(s) for s in train.skipped],
   }
   if data_config.split == 'kfold':

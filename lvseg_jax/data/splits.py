@@ -77,19 +77,22 @@ def case_splits(data_config: Any, available: Sequence[str] | None = None) -> dic
 
   Official: train = union of `train_sets`, eval = union of `eval_sets` (official set names or
   'all'). K-fold: the cases of `kfold_sets` present in the data are split into `num_folds`
-  patient-level folds; fold `fold` is eval, the rest train.
+  patient-level folds; fold `fold` is eval, the rest train. Either way the cases of
+  `train_exclude` then leave train (the folds stay as they were, so results compare).
 
   Args:
     data_config: `config.data`.
     available: cases present in the data; default: scanned from the file names.
 
   Returns:
-    {'train': [...], 'eval': [...], 'unassigned': cases in the data but in neither,
+    {'train': [...], 'eval': [...], 'excluded': `train_exclude` cases taken out of train,
+     'unassigned': cases in the data but in neither (nor excluded),
      'missing:<set>': cases an official set names that the data lacks (all three sets),
      and for k-fold 'fold:<k>': the cases of each fold}.
 
   Raises:
-    ValueError: unknown split or set name, train and eval sharing cases, bad fold settings.
+    ValueError: unknown split or set name, train and eval sharing cases, bad fold settings,
+      a `train_exclude` case not in the data.
     DataError: a requested set none of whose cases are in the data.
   """
   split = data_config.split
@@ -99,9 +102,15 @@ def case_splits(data_config: Any, available: Sequence[str] | None = None) -> dic
     available = sources.available_cases(data_config)
   available = {normalize_case_id(c) for c in available}
   result = SPLITS[split](data_config, available)
+  exclude = {normalize_case_id(c) for c in data_config.train_exclude}
+  if exclude - available:   # most likely a typo: fail rather than train on the case
+    raise ValueError(f'data.train_exclude names case(s) not in the {data_config.source} data: '
+                     f'{sorted(exclude - available)}')
+  result['excluded'] = [c for c in result['train'] if c in exclude]
+  result['train'] = [c for c in result['train'] if c not in exclude]
   for name, cases in OFFICIAL_SETS.items():
     result[f'missing:{name}'] = [c for c in cases if c not in available]
-  used = set(result['train']) | set(result['eval'])
+  used = set(result['train']) | set(result['eval']) | exclude
   result['unassigned'] = sorted(available - used)
   return result
 
