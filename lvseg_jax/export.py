@@ -17,10 +17,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
@@ -206,6 +203,9 @@ def write_volume_curve_png(path: str, volumes_ml: Sequence[float | None],
                            ed_phase: int | None = None, es_phase: int | None = None,
                            title: str = '') -> None:
   """Plots the LV volume of each phase (predicted, and expert where known), ED / ES marked."""
+  # Imported here, as nibabel below: a caller that writes no such file does not load them.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   phases = np.arange(len(volumes_ml))
   pred = np.array([np.nan if v is None else v for v in volumes_ml], dtype=np.float64)
   fig = Figure(figsize=(5.0, 2.8), dpi=120)
@@ -266,6 +266,7 @@ def write_nifti(path: str, volume: np.ndarray, affine: np.ndarray,
     affine: 4x4 RAS affine (`dicom_affine` or `nominal_affine`).
     time_step_ms: for 4D volumes, the time between phases, stored as the 4th zoom.
   """
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
   volume = np.asarray(volume)
   if volume.ndim not in (3, 4):
     raise ValueError(f'volume must be 3D or 4D, got shape {volume.shape}')

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -126,3 +128,17 @@ def test_from_workdir_segments_with_a_trained_run(smoke_run, data_root):
   result = seg.segment(image, (1.5, 1.5))
   assert result.labels.shape == (40, 50) and result.epicardium is None
   assert result.myocardium_area_mm2 is None
+
+
+def test_segmenting_one_image_loads_no_file_writer_libraries():
+  # A fresh interpreter: in this one other tests have imported everything already. What the
+  # API user never writes (NIfTI, the volume-curve figure) must not cost them its imports.
+  code = ('import sys, numpy as np, lvseg_jax; '
+          'r = lvseg_jax.Segmenter.pretrained().segment(np.zeros((64, 64), np.float32)); '
+          "print(sorted(m for m in ('matplotlib', 'nibabel', 'torch') if m in sys.modules))")
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, check=False,
+                        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__)))))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == '[]'

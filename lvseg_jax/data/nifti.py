@@ -8,13 +8,15 @@ the DICOM series the volume came from.
 """
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
 
 from lvseg_jax import export
 from lvseg_jax.data.records import DataError, Frame
+
+if TYPE_CHECKING:   # nibabel is imported where a file is read: `import lvseg_jax` stays light
+  import nibabel as nib
 
 SUFFIXES = ('.nii.gz', '.nii')
 
@@ -32,7 +34,7 @@ def case_name(path: str) -> str:
   return name
 
 
-def _time_step_ms(image: nib.Nifti1Image) -> float | None:
+def _time_step_ms(image: 'nib.Nifti1Image') -> float | None:
   zooms = image.header.get_zooms()
   if len(zooms) < 4 or not zooms[3]:
     return None
@@ -47,6 +49,7 @@ def load_nifti_series(path: str) -> list[Frame]:
   Raises:
     DataError: an unreadable file, or not a 3D/4D volume.
   """
+  import nibabel as nib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   try:
     image = nib.load(path)
     data = np.asarray(image.dataobj)
@@ -94,6 +97,7 @@ def load_labelled_volume(image_path: str, label_path: str, data_config: Any) -> 
   Raises:
     DataError: an unreadable volume, or a label volume of another shape.
   """
+  import nibabel as nib  # pylint: disable=g-import-not-at-top,redefined-outer-name
   frames = load_nifti_series(image_path)
   try:
     labels = np.asarray(nib.load(label_path).dataobj)
