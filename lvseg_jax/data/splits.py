@@ -110,7 +110,7 @@ def case_splits(data_config: Any, available: Sequence[str] | None = None) -> dic
   result['train'] = [c for c in result['train'] if c not in exclude]
   for name, cases in OFFICIAL_SETS.items():
     result[f'missing:{name}'] = [c for c in cases if c not in available]
-  used = set(result['train']) | set(result['eval']) | exclude
+  used = set(result['train']) | set(result['eval']) | set(result['excluded'])
   result['unassigned'] = sorted(available - used)
   return result
 
