@@ -286,6 +286,10 @@ def test_train_exclude_leaves_train_only_and_keeps_the_folds(data_root):
     assert split['train'] == [c for c in base['train'] if c != trained]
     assert split['eval'] == base['eval'] and held_out in split['eval']
     assert split['excluded'] == [trained] and split['unassigned'] == base['unassigned']
+  # A case in neither train nor eval stays unassigned: it was not taken out of anything.
+  unused = data.OFFICIAL_SETS['validation'][0]
+  split = data.case_splits(_config(data_root, eval_sets=(), train_exclude=(unused,)).data)
+  assert split['excluded'] == [] and unused in split['unassigned']
   with pytest.raises(ValueError, match=r"train_exclude names case\(s\) not in the png data: "
                                        r"\['SC-N-99'\]"):
     data.case_splits(_config(data_root, train_exclude=('SC-N-99',)).data)
