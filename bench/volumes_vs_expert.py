@@ -92,7 +92,8 @@ def models_for_cases(workdir: str, cases) -> dict:
   config = checkpointing.load_config(workdir)
   if config.data.split != 'official':
     return {workdir: {case: None for case in cases}}
-  trained = {c for name in config.data.train_sets for c in data.OFFICIAL_SETS[name]}
+  every_case = [c for cases in data.OFFICIAL_SETS.values() for c in cases]
+  trained = set(data.case_splits(config.data, available=every_case)['train'])
   return {workdir: {case: case in trained for case in cases}}
 
 
