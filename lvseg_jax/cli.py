@@ -23,10 +23,8 @@ from lvseg_jax import checkpointing
 from lvseg_jax import config_check
 from lvseg_jax import contours
 from lvseg_jax import data
-from lvseg_jax import evaluate
 from lvseg_jax import predict
 from lvseg_jax import pretrained
-from lvseg_jax import train
 
 MODES = ('train', 'evaluate', 'predict', 'summary')
 EXIT_USER_ERROR = 2
@@ -67,9 +65,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None,
   logging.info('mode=%s workdir=%s', mode, workdir)
   if mode in ('evaluate', 'predict') and config.compilation_cache_dir:
     use_compilation_cache(config.compilation_cache_dir)
+  # train and evaluate (optax, matplotlib, the TensorBoard writer) load only when their mode
+  # runs: predict starts about 0.4 s sooner without them (docs/BENCHMARKS.md).
+  # pylint: disable=g-import-not-at-top
   if mode == 'train':
+    from lvseg_jax import train
     train.train_and_evaluate(config, workdir)
   elif mode == 'evaluate':
+    from lvseg_jax import evaluate
     evaluate.evaluate_checkpoint(config, workdir, overridden)
   else:
     predict.predict(config, workdir, input_path, output, overridden)
@@ -88,12 +91,13 @@ def use_compilation_cache(folder: str) -> None:
 def exit_code(error: BaseException, show_traceback: bool) -> int:
   """Prints a user error as one line (or re-raises it with `show_traceback`) and returns the
   process exit code for `error`; anything that is not a user error is re-raised."""
-  if isinstance(error, train.Stopped):
-    logging.warning('%s', error)
-    return 128 + error.signum
   if isinstance(error, USER_ERRORS) and not show_traceback:
     print(f'error: {error}', file=sys.stderr)
     return EXIT_USER_ERROR
+  from lvseg_jax import train  # pylint: disable=g-import-not-at-top  # loaded if it raised
+  if isinstance(error, train.Stopped):
+    logging.warning('%s', error)
+    return 128 + error.signum
   raise error
 
 

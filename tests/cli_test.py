@@ -257,6 +257,18 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
   assert 'Traceback' not in done.stderr
 
 
+def test_the_command_line_loads_training_code_only_for_train_and_evaluate():
+  """Predict's start-up pays for what predict runs: loading the command line (as `main.py`
+  and `lvseg` do) leaves the training and evaluation modules and their imports unloaded."""
+  heavy = ('lvseg_jax.train', 'lvseg_jax.evaluate', 'optax', 'matplotlib')
+  code = (f'import sys; from lvseg_jax import cli; '
+          f'print(sorted(m for m in {heavy!r} if m in sys.modules))')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, check=False, env=dict(os.environ, PYTHONPATH=REPO))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == '[]'
+
+
 def test_sigterm_during_data_loading_stops_before_step_one(tiny_config, tmp_path, monkeypatch):
   load = train.data_lib.load_datasets
 
