@@ -94,8 +94,9 @@ def exit_code(error: BaseException, show_traceback: bool) -> int:
   if isinstance(error, USER_ERRORS) and not show_traceback:
     print(f'error: {error}', file=sys.stderr)
     return EXIT_USER_ERROR
-  from lvseg_jax import train  # pylint: disable=g-import-not-at-top  # loaded if it raised
-  if isinstance(error, train.Stopped):
+  # Only a loaded train module raises Stopped; a predict bug need not load it to be re-raised.
+  train = sys.modules.get('lvseg_jax.train')
+  if train is not None and isinstance(error, train.Stopped):
     logging.warning('%s', error)
     return 128 + error.signum
   raise error

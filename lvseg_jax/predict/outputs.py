@@ -139,8 +139,10 @@ def fmt(value: Any) -> str:
   return str(value)
 
 
-def _short(value: float | None) -> str:
-  return '-' if value is None or not math.isfinite(value) else f'{value:.1f}'
+def one_decimal(value: float | None, missing: str = '-') -> str:
+  """A measurement for people (a figure title, a log line): one decimal; the CSV and JSON
+  files keep four (`fmt`)."""
+  return missing if value is None or not math.isfinite(value) else f'{value:.1f}'
 
 
 def _write_csv(path: str, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
@@ -259,8 +261,8 @@ def write_series_outputs(series: Series, predictions: Sequence[Prediction],
                                                      'volume_ml', 'expert_volume_ml', 'is_ed',
                                                      'is_es'), rows)
     outputs['volumes_csv'] = 'volumes.csv'
-    title = (f"{series.name}: EDV {_short(volumes['edv_ml'])} mL, ESV "
-             f"{_short(volumes['esv_ml'])} mL, EF {_short(volumes['ef_pct'])} %")
+    title = (f"{series.name}: EDV {one_decimal(volumes['edv_ml'])} mL, ESV "
+             f"{one_decimal(volumes['esv_ml'])} mL, EF {one_decimal(volumes['ef_pct'])} %")
     export.write_volume_curve_png(
         os.path.join(folder, 'volume_curve.png'), volumes['volumes_ml'],
         [r['expert_volume_ml'] for r in rows], ed, es, title=title)

@@ -1,7 +1,6 @@
 """`predict`: checkpoint -> find the inputs -> load frames -> forward pass -> post-process ->
 measure -> write, each stage once per series."""
 
-import math
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -114,9 +113,10 @@ def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series]
       mass = summary.get('lv_mass_g')
       logging.info('%s: %d frames in %.1f s; EDV %s mL, ESV %s mL, EF %s %%%s; %d slice/phase '
                    'cell(s) left out (summary.json "excluded")', s.name, len(s.frames),
-                   summary['seconds'], _one_decimal(volumes['edv_ml']),
-                   _one_decimal(volumes['esv_ml']), _one_decimal(volumes['ef_pct']),
-                   f', LV mass {_one_decimal(mass)} g' if mass is not None else '',
+                   summary['seconds'], outputs.one_decimal(volumes['edv_ml'], 'n/a'),
+                   outputs.one_decimal(volumes['esv_ml'], 'n/a'),
+                   outputs.one_decimal(volumes['ef_pct'], 'n/a'),
+                   f", LV mass {outputs.one_decimal(mass, 'n/a')} g" if mass is not None else '',
                    len(summary.get('excluded') or []))
     else:
       logging.info('%s: %d frames in %.1f s; no volumes: %s', s.name, len(s.frames),
@@ -128,8 +128,3 @@ def run_series(model, variables: dict[str, Any], series: Sequence[inputs.Series]
     logging.warning('Skipped %s: %s (listed in %s)', path, problem,
                     os.path.join(output, 'summary.json'))
   return summaries
-
-
-def _one_decimal(value: float | None) -> str:
-  """A measurement for the log line, read by people (the CSV and JSON files keep four)."""
-  return 'n/a' if value is None or not math.isfinite(value) else f'{value:.1f}'
