@@ -269,6 +269,20 @@ def test_the_command_line_loads_training_code_only_for_train_and_evaluate():
   assert done.stdout.strip().splitlines()[-1] == '[]'
 
 
+def test_a_predict_bug_is_reraised_without_loading_training_code():
+  """In a fresh interpreter (as a predict run is), `exit_code` re-raises a bug as it is and
+  leaves `lvseg_jax.train` unloaded: only a loaded train module can have raised `Stopped`."""
+  code = ('import sys; from lvseg_jax import cli\n'
+          'try:\n'
+          "  cli.exit_code(RuntimeError('a bug'), show_traceback=False)\n"
+          'except RuntimeError as e:\n'
+          "  print(repr(e), 'lvseg_jax.train' in sys.modules)\n")
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, check=False, env=dict(os.environ, PYTHONPATH=REPO))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == "RuntimeError('a bug') False"
+
+
 def test_sigterm_during_data_loading_stops_before_step_one(tiny_config, tmp_path, monkeypatch):
   load = train.data_lib.load_datasets
 
